@@ -1,0 +1,158 @@
+"""Identities, signatures and domain-separated hashing.
+
+Guarantees:
+- a peer id is the 32-byte raw Ed25519 public key; there is no process-wide default key;
+- signatures are over 32-byte BLAKE3 digests, never over raw data;
+- every digest is domain-separated and its fields are length-prefixed, so no two different field lists (or
+  domains) can produce the same hashed byte string.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+import numpy as np
+import torch
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PrivateFormat, PublicFormat
+
+PEER_ID_BYTES = 32
+SIGNATURE_BYTES = 64
+DIGEST_BYTES = 32
+_HASH_PREFIX = b"btard/v1/"
+
+if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+    raise ImportError("btard hashes raw little-endian tensor bytes; big-endian hosts are not supported")
+
+Field = bytes | str | int
+
+
+def _encode_field(field: Field) -> bytes:
+    if isinstance(field, bool):
+        raise TypeError("booleans are ambiguous as hash fields; pass an int")
+    if isinstance(field, int):
+        return b"i" + struct.pack("<q", field)
+    if isinstance(field, str):
+        data = field.encode()
+        return b"s" + struct.pack("<Q", len(data)) + data
+    if isinstance(field, bytes | bytearray | memoryview):
+        data = bytes(field)
+        return b"b" + struct.pack("<Q", len(data)) + data
+    raise TypeError(f"cannot hash field of type {type(field).__name__}")
+
+
+def digest(domain: str, *fields: Field) -> bytes:
+    """BLAKE3 digest of (domain, fields) with every field typed and length-prefixed."""
+    h = blake3.blake3(_HASH_PREFIX + _encode_field(domain))
+    for f in fields:
+        h.update(_encode_field(f))
+    return h.digest()
+
+
+def tensor_view(t: torch.Tensor) -> np.ndarray:
+    """Contiguous little-endian float32 numpy view (no copy when already contiguous float32 on CPU)."""
+    if t.dtype != torch.float32:
+        raise TypeError(f"protocol tensors are float32, got {t.dtype}")
+    return np.ascontiguousarray(t.detach().cpu().numpy())
+
+
+def tensor_digest(domain: str, run_id: bytes, step: int, sender: bytes, index: int, t: torch.Tensor) -> bytes:
+    """Digest of the exact bytes a tensor travels as, bound to (domain, run, step, sender, part index)."""
+    arr = tensor_view(t)
+    h = blake3.blake3(
+        _HASH_PREFIX
+        + b"".join(_encode_field(f) for f in (domain, run_id, step, sender, index, "f32", arr.size))
+    )
+    h.update(memoryview(arr).cast("B"))
+    return h.digest()
+
+
+def bytes_digest(domain: str, run_id: bytes, step: int, sender: bytes, index: int, raw: bytes) -> bytes:
+    """Same as `tensor_digest` but for the raw float32 bytes as received (no tensor built)."""
+    h = blake3.blake3(
+        _HASH_PREFIX
+        + b"".join(_encode_field(f) for f in (domain, run_id, step, sender, index, "f32", len(raw) // 4))
+    )
+    h.update(raw)
+    return h.digest()
+
+
+def verify(public_key: bytes, message_digest: bytes, signature: bytes) -> bool:
+    """True iff `signature` is a valid Ed25519 signature of `message_digest` by `public_key`."""
+    if len(public_key) != PEER_ID_BYTES or len(signature) != SIGNATURE_BYTES:
+        return False
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message_digest)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Identity:
+    """An Ed25519 key pair. `peer_id` is the raw public key. Create one per peer; never share."""
+
+    _key: Ed25519PrivateKey
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> Identity:
+        """Deterministic identity from 32 seed bytes (for simulations and tests only)."""
+        if len(seed) != 32:
+            seed = digest("identity-seed", seed)
+        return cls(Ed25519PrivateKey.from_private_bytes(seed))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Identity:
+        raw = Path(path).read_bytes()
+        if len(raw) != 32:
+            raise ValueError(f"{path}: expected a 32-byte raw Ed25519 private key, found {len(raw)} bytes")
+        return cls(Ed25519PrivateKey.from_private_bytes(raw))
+
+    @classmethod
+    def load_or_create(cls, path: str | Path) -> Identity:
+        p = Path(path)
+        if p.exists():
+            return cls.load(p)
+        ident = cls.generate()
+        ident.save(p)
+        return ident
+
+    def save(self, path: str | Path) -> None:
+        """Write the raw private key with mode 0600."""
+        raw = self._key.private_bytes(Encoding.Raw, PrivateFormat.Raw, _no_encryption())
+        fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+
+    @property
+    def peer_id(self) -> bytes:
+        return self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def sign(self, message_digest: bytes) -> bytes:
+        if len(message_digest) != DIGEST_BYTES:
+            raise ValueError("sign a 32-byte digest, not raw data")
+        return self._key.sign(message_digest)
+
+    def __repr__(self) -> str:  # never print key material
+        return f"Identity({short_id(self.peer_id)})"
+
+
+def _no_encryption():
+    from cryptography.hazmat.primitives.serialization import NoEncryption
+
+    return NoEncryption()
+
+
+def short_id(peer_id: bytes) -> str:
+    """First 8 hex digits of a peer id, for logs."""
+    return peer_id.hex()[:8]
