@@ -128,7 +128,9 @@ def _int(v, lo: int, hi: int, what: str) -> int:
 def _f32(v, max_elems: int, what: str) -> bytes:
     raw = _bytes(v, None, what)
     if len(raw) % 4 or len(raw) // 4 > max_elems:
-        raise MalformedMessage("bad-tensor", f"{what}: {len(raw)} bytes is not a float32 vector within limits")
+        raise MalformedMessage(
+            "bad-tensor", f"{what}: {len(raw)} bytes is not a float32 vector within limits"
+        )
     return raw
 
 
@@ -181,7 +183,9 @@ class _TensorMessage(Message):
 
     @classmethod
     def of(cls, run_id: bytes, step: int, sender: bytes, part: int, t: torch.Tensor):
-        return cls(run_id, step, sender, part, np.ascontiguousarray(t.detach().numpy(), dtype="<f4").tobytes())
+        return cls(
+            run_id, step, sender, part, np.ascontiguousarray(t.detach().numpy(), dtype="<f4").tobytes()
+        )
 
 
 @dataclass(frozen=True)
@@ -290,7 +294,12 @@ class Proj(Message):
     def of(cls, run_id: bytes, step: int, sender: bytes, norms: np.ndarray, projs: np.ndarray) -> Proj:
         projs = np.ascontiguousarray(projs, dtype="<f8")
         return cls(
-            run_id, step, sender, projs.shape[1], np.ascontiguousarray(norms, "<f8").tobytes(), projs.tobytes()
+            run_id,
+            step,
+            sender,
+            projs.shape[1],
+            np.ascontiguousarray(norms, "<f8").tobytes(),
+            projs.tobytes(),
         )
 
 

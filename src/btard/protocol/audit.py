@@ -1,0 +1,291 @@
+"""Audit log: every signed message a peer sent or accepted, every step's decisions, in a signed hash chain.
+
+Format: JSON lines. Each record carries ``prev`` (hex BLAKE3 of the previous line); each ``step`` record is
+signed by the log's owner over the chain head, so a third party detects any edited, inserted or deleted line.
+`verify_log` re-checks offline: the chain and owner signatures, every message signature, the chain of r^t
+(recomputed from the MPRNG commits and reveals in the log) and every ban whose evidence is self-contained
+(equivocation, commit mismatch, non-finite or mis-shaped part, MPRNG mismatch). Bans that need the model
+(a validator's recomputation) or the step's aggregate are checked for the presence and signatures of their
+evidence and reported as such.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from btard.crypto import Identity, bytes_digest, digest, verify
+from btard.protocol.errors import MalformedMessage
+from btard.protocol.messages import Accuse, Kind, Limits, Reason, Signed, decode
+from btard.protocol.peer import StepResult
+
+SELF_CONTAINED = {
+    "equivocation",
+    "commit-mismatch",
+    "nonfinite",
+    "bad-shape",
+    "mprng-mismatch",
+}
+
+
+def _record_digest(rec: dict) -> bytes:
+    """What the owner signs: the canonical JSON of a step record without its signature and chain link."""
+    body = {k: v for k, v in rec.items() if k not in ("sig", "prev")}
+    return digest("audit-step", json.dumps(body, sort_keys=True, separators=(",", ":")))
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode()
+
+
+def _unb64(s: str) -> bytes:
+    return base64.b64decode(s.encode(), validate=True)
+
+
+class AuditLog:
+    """Append-only audit log of one peer. Use as the peer's ``audit`` callback."""
+
+    def __init__(
+        self, identity: Identity, sink: IO[str] | None = None, *, path: str | Path | None = None
+    ) -> None:
+        self.identity = identity
+        self._own_file = None
+        if path is not None:
+            self._own_file = open(path, "w")  # noqa: SIM115 - closed by close()
+            sink = self._own_file
+        self.sink = sink
+        self.lines: list[str] = []
+        self._head = digest("audit-genesis", identity.peer_id)
+        self._seen: set[bytes] = set()
+        self._write({"t": "header", "owner": identity.peer_id.hex()})
+
+    def _write(self, rec: dict) -> None:
+        rec["prev"] = self._head.hex()
+        line = json.dumps(rec, sort_keys=True, separators=(",", ":"))
+        self._head = digest("audit-line", line)
+        self.lines.append(line)
+        if self.sink is not None:
+            self.sink.write(line + "\n")
+            self.sink.flush()
+
+    def __call__(self, kind: str, obj: object) -> None:
+        if kind == "msg":
+            assert isinstance(obj, Signed)
+            if obj.msg_digest in self._seen:
+                return
+            self._seen.add(obj.msg_digest)
+            self._write({"t": "msg", "raw": _b64(obj.raw)})
+        elif kind == "reject":
+            self._write({"t": "reject", **obj})  # type: ignore[dict-item]
+        elif kind == "step":
+            assert isinstance(obj, StepResult)
+            rec = {
+                "t": "step",
+                "step": obj.step,
+                "r": obj.r.hex(),
+                "members": [m.hex() for m in obj.members],
+                "next_members": [m.hex() for m in obj.next_members],
+                "excluded": [m.hex() for m in obj.excluded],
+                "aggregate": digest("aggregate", obj.aggregate.numpy().tobytes()).hex(),
+                "verdicts": [
+                    {
+                        "banned": v.banned.hex(),
+                        "reason": v.reason,
+                        "accuser": v.accuser.hex() if v.accuser else None,
+                        "evidence": [e.hex() for e in v.evidence],
+                    }
+                    for v in obj.verdicts
+                ],
+                "head": self._head.hex(),
+            }
+            rec["sig"] = self.identity.sign(_record_digest(rec)).hex()
+            self._write(rec)
+
+    def close(self) -> None:
+        if self._own_file is not None:
+            self._own_file.close()
+
+
+@dataclass
+class AuditReport:
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    messages: int = 0
+    steps: int = 0
+    verdicts_verified: int = 0
+    verdicts_needing_model: int = 0
+
+    def summary(self) -> str:
+        head = "OK" if self.ok else "FAILED"
+        lines = [
+            f"audit {head}: {self.steps} steps, {self.messages} signed messages, "
+            f"{self.verdicts_verified} bans re-derived from their evidence, "
+            f"{self.verdicts_needing_model} bans whose evidence is present and signed but needs the model "
+            "or aggregate to re-derive"
+        ]
+        lines += [f"  problem: {p}" for p in self.problems[:50]]
+        return "\n".join(lines)
+
+
+def verify_log(lines: list[str], run_id: bytes | None = None, limits: Limits = Limits()) -> AuditReport:
+    """Verify an audit log offline (see module docstring for what is checked)."""
+    rep = AuditReport(ok=True)
+    problems = rep.problems
+    if not lines:
+        return AuditReport(False, ["empty log"])
+    try:
+        first = json.loads(lines[0])
+        owner = bytes.fromhex(first["owner"])
+    except (ValueError, KeyError, TypeError):
+        return AuditReport(False, ["line 1: not an audit log header"])
+    head = digest("audit-genesis", owner)
+    msgs: dict[bytes, Signed] = {}
+    by_step: dict[int, list[Signed]] = {}
+    prev_r: bytes | None = None
+    for no, line in enumerate(lines, start=1):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            problems.append(f"line {no}: not JSON")
+            break
+        if rec.get("prev") != head.hex():
+            problems.append(f"line {no}: hash chain broken (line edited, inserted or deleted before it)")
+            break
+        head_before = head
+        head = digest("audit-line", line)
+        t = rec.get("t")
+        if t == "msg":
+            try:
+                s = decode(_unb64(rec["raw"]), limits)
+            except (MalformedMessage, ValueError, KeyError) as e:
+                problems.append(f"line {no}: message does not verify ({e})")
+                continue
+            rep.messages += 1
+            msgs[s.msg_digest] = s
+            by_step.setdefault(s.msg.step, []).append(s)
+            if run_id is None:
+                run_id = s.msg.run_id
+        elif t == "step":
+            rep.steps += 1
+            step = rec["step"]
+            if rec.get("head") != head_before.hex():
+                problems.append(f"line {no}: step record head mismatch")
+            if not verify(owner, _record_digest(rec), bytes.fromhex(rec.get("sig", ""))):
+                problems.append(f"line {no}: step {step} record is not signed by the log owner")
+            members = [bytes.fromhex(m) for m in rec["members"]]
+            step_msgs = by_step.get(step, [])
+            r_prev = prev_r if prev_r is not None else None
+            if r_prev is not None and run_id is not None:
+                r = _recompute_r(step_msgs, members, run_id, step, r_prev)
+                if r.hex() != rec["r"]:
+                    problems.append(f"line {no}: r^{step} does not follow from the logged MPRNG reveals")
+            prev_r = bytes.fromhex(rec["r"])
+            for v in rec["verdicts"]:
+                _check_verdict(v, step, msgs, limits, rep, no)
+    rep.ok = not problems
+    return rep
+
+
+def _recompute_r(
+    step_msgs: list[Signed], members: list[bytes], run_id: bytes, step: int, r_prev: bytes
+) -> bytes:
+    commits = {s.msg.sender: s.msg for s in step_msgs if s.msg.kind == Kind.MPRNG_COMMIT}
+    reveals = {s.msg.sender: s.msg for s in step_msgs if s.msg.kind == Kind.MPRNG_REVEAL}
+    parts = []
+    for p in members:
+        c, r = commits.get(p), reveals.get(p)
+        if c and r and digest("mprng", run_id, step, p, r.secret) == c.commitment:
+            parts.append(p + r.secret)
+    return digest("mprng-r", run_id, step, r_prev, b"".join(parts))
+
+
+def _check_verdict(
+    v: dict, step: int, msgs: dict[bytes, Signed], limits: Limits, rep: AuditReport, no: int
+) -> None:
+    banned = bytes.fromhex(v["banned"])
+    reason = v["reason"]
+    if reason.startswith("aggregate of part"):
+        rep.verdicts_needing_model += 1  # needs the step's PROJ values and aggregate: re-derivable by a peer
+        return
+    ev = [bytes.fromhex(e) for e in v["evidence"]]
+    acc = [msgs.get(e) for e in ev]
+    if not acc or any(a is None or a.msg.kind != Kind.ACCUSE for a in acc):
+        rep.problems.append(
+            f"line {no}: ban of {banned.hex()[:8]} ({reason}) cites an accusation not in the log"
+        )
+        return
+    a: Accuse = acc[0].msg
+    try:
+        evidence = [decode(raw, limits) for raw in a.evidence]
+    except MalformedMessage:
+        evidence = None
+    if reason.startswith("false accusation"):
+        if banned != a.sender:
+            rep.problems.append(f"line {no}: false-accusation ban names someone other than the accuser")
+        elif (
+            evidence is not None
+            and a.reason.name.lower().replace("_", "-") in SELF_CONTAINED
+            and _self_contained_proof(a, evidence)
+        ):
+            rep.problems.append(f"line {no}: accuser {banned.hex()[:8]} banned although its evidence holds")
+            return
+        rep.verdicts_verified += 1
+        return
+    if banned != a.accused or evidence is None:
+        rep.problems.append(f"line {no}: ban of {banned.hex()[:8]} does not match its accusation")
+        return
+    if reason in SELF_CONTAINED:
+        if _self_contained_proof(a, evidence):
+            rep.verdicts_verified += 1
+        else:
+            rep.problems.append(f"line {no}: evidence does not prove {reason} by {banned.hex()[:8]}")
+    else:
+        rep.verdicts_needing_model += 1
+
+
+def _self_contained_proof(a: Accuse, ev: list[Signed]) -> bool:
+    if any(e.msg.sender != a.accused for e in ev):
+        return False
+    r = a.reason
+    if r == Reason.EQUIVOCATION and len(ev) == 2:
+        m1, m2 = ev[0].msg, ev[1].msg
+        if m1.kind == m2.kind and m1.step == m2.step and m1.slot() == m2.slot():
+            return ev[0].msg_digest != ev[1].msg_digest
+        if (
+            {m1.kind, m2.kind} == {Kind.AGG_COMMIT, Kind.AGG_PART}
+            and m1.part == m2.part
+            and m1.step == m2.step
+        ):
+            c, p = (m1, m2) if m1.kind == Kind.AGG_COMMIT else (m2, m1)
+            return bytes_digest("agg-part", p.run_id, p.step, p.sender, p.part, p.data) != c.agg_hash
+        return False
+    if r == Reason.COMMIT_MISMATCH and len(ev) == 2:
+        c, p = ev[0].msg, ev[1].msg
+        if c.kind != Kind.GRAD_COMMIT or p.kind != Kind.GRAD_PART or c.step != p.step:
+            return False
+        if p.part >= len(c.part_hashes):
+            return True
+        return bytes_digest("grad-part", p.run_id, p.step, p.sender, p.part, p.data) != c.part_hashes[p.part]
+    if r == Reason.NONFINITE and len(ev) == 1:
+        import numpy as np
+
+        return (
+            ev[0].msg.kind in (Kind.GRAD_PART, Kind.AGG_PART)
+            and not np.isfinite(np.frombuffer(ev[0].msg.data, dtype="<f4")).all()
+        )
+    if r == Reason.BAD_SHAPE and len(ev) == 1:
+        return ev[0].msg.kind in (
+            Kind.GRAD_PART,
+            Kind.AGG_PART,
+        )  # the length is checked against n and d online
+    if r == Reason.MPRNG_MISMATCH and len(ev) == 2:
+        c, rv = ev[0].msg, ev[1].msg
+        return (
+            c.kind == Kind.MPRNG_COMMIT
+            and rv.kind == Kind.MPRNG_REVEAL
+            and digest("mprng", rv.run_id, rv.step, rv.sender, rv.secret) != c.commitment
+        )
+    return False

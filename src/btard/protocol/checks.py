@@ -1,0 +1,162 @@
+"""Pure verification math of one BTARD step: partitioning, random projections, the CenteredClip
+fixed-point check (§3.7) and the tolerance comparison used by validators (§5).
+
+Everything here is a deterministic function of public values, so every honest peer computes the same verdict.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from btard.aggregation import clip_weights
+from btard.crypto import digest
+
+# Float error allowed in the fixed-point sum, relative to Σ w_i n_i (each term ≤ τ). float32 round-off of the
+# aggregator's iterate is ~1e-7 relative; 1e-5 leaves two orders of magnitude of margin.
+FLOAT_SLACK = 1e-5
+
+
+def part_bounds(d: int, n: int) -> list[tuple[int, int]]:
+    """Cut range(d) into n contiguous parts whose sizes differ by at most one (larger parts first)."""
+    if n <= 0:
+        raise ValueError("need at least one part")
+    base, extra = divmod(d, n)
+    out, start = [], 0
+    for j in range(n):
+        end = start + base + (1 if j < extra else 0)
+        out.append((start, end))
+        start = end
+    return out
+
+
+def part_order(peers: Sequence[bytes], r_prev: bytes) -> list[bytes]:
+    """Deterministic shuffle of `peers` by the previous shared random value: part j is aggregated by out[j]."""
+    return sorted(peers, key=lambda p: digest("part-order", r_prev, p))
+
+
+class ProjectionCache:
+    """Memoizes z(r) per part: a pure function of public values, so sharing one cache between peers of a
+    simulation changes nothing but speed. Bounded (LRU)."""
+
+    def __init__(self, max_entries: int = 256) -> None:
+        self._max = max_entries
+        self._store: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def get(self, r: bytes, j: int, length: int, k: int) -> torch.Tensor:
+        key = (r, j, length, k)
+        z = self._store.get(key)
+        if z is None:
+            z = projection_vectors(r, j, length, k)
+            self._store[key] = z
+            if len(self._store) > self._max:
+                self._store.popitem(last=False)
+        else:
+            self._store.move_to_end(key)
+        return z
+
+
+def projection_vectors(r: bytes, j: int, length: int, k: int) -> torch.Tensor:
+    """K i.i.d. N(0, 1) float64 vectors for part j, derived from the shared random value r."""
+    seed = int.from_bytes(digest("projection", r, j, length, k)[:8], "little") & ((1 << 63) - 1)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(k, length, generator=gen, dtype=torch.float64)
+
+
+def project(part: torch.Tensor, agg: torch.Tensor, z: torch.Tensor) -> tuple[float, np.ndarray]:
+    """(‖part − agg‖, ⟨z_k, part − agg⟩ for every k), in float64."""
+    diff = part.to(torch.float64) - agg.to(torch.float64)
+    return float(diff.norm()), (z @ diff).numpy()
+
+
+def projections_for(
+    grad: torch.Tensor, agg: torch.Tensor, bounds: Sequence[tuple[int, int]], zs: Sequence[torch.Tensor]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Norms (n,) and projections (n, K) of a full gradient against the full aggregate, part by part."""
+    norms = np.empty(len(bounds))
+    projs = np.empty((len(bounds), zs[0].shape[0]))
+    for j, (a, b) in enumerate(bounds):
+        norms[j], projs[j] = project(grad[a:b], agg[a:b], zs[j])
+    return norms, projs
+
+
+@dataclass(frozen=True)
+class FixedPointCheck:
+    """Result of the CenteredClip fixed-point check for one part."""
+
+    ok: bool
+    tau: float
+    statistic: float  # max_k |Σ_i w_i s_i^k|
+    tolerance: float
+    implausible: tuple[int, ...]  # rows whose |s| > c·n (index into the inputs)
+
+
+def fixed_point_check(
+    norms: np.ndarray,
+    projs: np.ndarray,
+    *,
+    tau: float | str,
+    lam: float,
+    eps_rel: float,
+    plausibility: float,
+    trusted: np.ndarray | None = None,
+) -> FixedPointCheck:
+    """Check |Σ_i min(1, τ/n_i) s_i^k| ≤ tol for every k, with τ recomputed from the norms when adaptive.
+
+    tol = c·(m·eps_rel·τ + FLOAT_SLACK·Σ_i w_i n_i): an honest aggregator stops with ‖R‖ ≤ m·eps_rel·τ (the
+    stopping rule of `centered_clip`), and ⟨z, R⟩ ~ N(0, ‖R‖²) because z is drawn after R is committed, so an
+    honest aggregator fails with probability ≤ 2·Φ(−c) per projection (c = 8: ~1e-15). Rows with |s| > c·n
+    are implausible for any honest report (same tail bound); unless `trusted` marks them (their values were
+    recomputed from the signed part), they make the check fail.
+    """
+    norms = np.asarray(norms, dtype=np.float64)
+    projs = np.asarray(projs, dtype=np.float64)
+    m = len(norms)
+    t, w = clip_weights(torch.from_numpy(norms), tau, lam=lam)
+    w = w.numpy()
+    stat = float(np.abs(w @ projs).max()) if m else 0.0
+    tol = plausibility * (m * eps_rel * t + FLOAT_SLACK * float(w @ norms)) + 1e-30
+    bad_rows = np.nonzero((np.abs(projs) > plausibility * norms[:, None] + 1e-30).any(axis=1))[0]
+    if trusted is not None:
+        bad_rows = [i for i in bad_rows if not trusted[i]]
+    implausible = tuple(int(i) for i in bad_rows)
+    return FixedPointCheck(stat <= tol and not implausible, t, stat, tol, implausible)
+
+
+def projection_report_matches(
+    reported: tuple[float, np.ndarray], recomputed: tuple[float, np.ndarray], rtol: float = 1e-9
+) -> bool:
+    """Whether a PROJ entry matches the values recomputed from the signed part (float64 round-off only)."""
+    n_rep, s_rep = reported
+    n_ok, s_ok = recomputed
+    scale = max(n_ok, 1e-30) * math.sqrt(max(len(s_ok), 1))
+    return abs(n_rep - n_ok) <= rtol * scale + 1e-30 and bool(
+        np.all(np.abs(s_rep - s_ok) <= rtol * scale * 10)
+    )
+
+
+def validation_deviation(
+    reported_norms: np.ndarray,
+    reported_projs: np.ndarray,
+    recomputed_norms: np.ndarray,
+    recomputed_projs: np.ndarray,
+) -> float:
+    """Estimate of ‖e‖, the distance between what the target sent and the recomputed gradient.
+
+    For a deviation e, s − s' = ⟨z, e_j⟩ ~ N(0, ‖e_j‖²) per projection, so Σ_j mean_k (s − s')² is ‖e‖² times a
+    χ²(nK)/(nK) variable; norms add |n − n'| ≤ ‖e_j‖ (triangle inequality), counted as a floor.
+    """
+    ds = np.asarray(reported_projs) - np.asarray(recomputed_projs)
+    est = math.sqrt(float((ds**2).mean(axis=1).sum()))
+    dn = float(np.abs(np.asarray(reported_norms) - np.asarray(recomputed_norms)).max(initial=0.0))
+    return max(est, dn)
+
+
+def validation_tolerance(grad_norm: float, rtol: float) -> float:
+    """Largest benign deviation: rtol·‖g'‖ (float32 non-determinism is ~1e-6 relative; default rtol 1e-4)."""
+    return rtol * grad_norm + 1e-12

@@ -1,0 +1,1096 @@
+"""One peer of BTARD-SGD as a sans-IO state machine.
+
+Inputs: `begin_step` (with the locally computed gradient), `receive` (bytes from the network) and `tick`
+(the time). Outputs: `events()` drains `Send` events (bytes for the caller to deliver) and `StepResult`
+decisions (ĝ, r^t, bans with evidence, exclusions, the next active set). It never touches sockets, threads
+or clocks. Gradients of other peers (for validation and for resolving a validator's accusation) come from a
+`GradientOracle` callback the caller provides.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from btard.aggregation import centered_clip
+from btard.crypto import Identity, bytes_digest, digest, short_id, tensor_digest
+from btard.protocol import checks
+from btard.protocol.errors import LocalProtocolError, MalformedMessage
+from btard.protocol.messages import (
+    Accuse,
+    AggCommit,
+    AggPart,
+    Digest,
+    GradCommit,
+    GradPart,
+    Kind,
+    Limits,
+    Message,
+    MprngCommit,
+    MprngReveal,
+    Proj,
+    Pull,
+    Reason,
+    Signed,
+    decode,
+    encode,
+)
+from btard.protocol.state import BARRIER_KINDS, CONTENT_KINDS, NEXT_PHASE, PHASE_START, Phase
+
+GENESIS = digest("genesis")
+# A peer buffers messages of the next step only (peers finish a step at slightly different times); at most
+# this many per sender, which covers every message an honest peer sends in one step for n ≤ 1024.
+MAX_BUFFERED_PER_SENDER = 64
+
+GradientOracle = Callable[[int, bytes], torch.Tensor]
+"""(step, peer id) -> the gradient that peer must have computed at that step (from public data)."""
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """Parameters every peer of a run must share (they define what an honest peer does)."""
+
+    run_id: bytes
+    dim: int
+    tau: float | str = "adaptive"
+    lam: float = 2.0
+    eps_rel: float = 1e-4
+    max_iter: int = 1000
+    num_projections: int = 4
+    plausibility: float = 8.0
+    validators: int = 1
+    validation_rtol: float = 1e-4
+    validation_mode: str = "tolerance"  # or "exact": compare hashes (homogeneous, bit-exact swarms)
+    phase_timeout: float = 2.0
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        if len(self.run_id) != 16:
+            raise LocalProtocolError("run_id must be 16 bytes")
+        if self.validation_mode not in ("tolerance", "exact"):
+            raise LocalProtocolError("validation_mode is 'tolerance' or 'exact'")
+
+
+@dataclass(frozen=True)
+class Send:
+    """Deliver `raw` to each peer in `dests`."""
+
+    dests: tuple[bytes, ...]
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A ban decided from public evidence; identical at every honest peer."""
+
+    step: int
+    banned: bytes
+    reason: str
+    accuser: bytes | None
+    evidence: tuple[bytes, ...] = ()  # digests of the signed messages that justify it
+
+    def describe(self) -> str:
+        by = f" (accused by {short_id(self.accuser)})" if self.accuser else ""
+        return f"step {self.step}: banned {short_id(self.banned)}: {self.reason}{by}"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: int
+    aggregate: torch.Tensor
+    r: bytes
+    verdicts: tuple[Verdict, ...]
+    excluded: tuple[bytes, ...]
+    members: tuple[bytes, ...]
+    next_members: tuple[bytes, ...]
+    next_validators: dict[bytes, bytes]
+    failed_parts: tuple[int, ...]
+    missing_parts: tuple[int, ...]
+    clip_iterations: int
+    clipped: int
+    rejected_messages: int
+
+
+@dataclass
+class _StepRecord:
+    """What a later step needs from step t (validation and accusations about it)."""
+
+    step: int
+    r: bytes
+    bounds: list[tuple[int, int]]
+    aggregate: torch.Tensor
+    commits: dict[bytes, Signed]
+    projs: dict[bytes, Signed]
+
+
+class Behaviour:
+    """Honest behaviour. Protocol attacks subclass it and override hooks (see btard.attacks.protocol).
+
+    Each hook receives the peer and returns what an honest peer would send; an attack returns something else.
+    """
+
+    def gradient(self, peer: BtardPeer, g: torch.Tensor) -> torch.Tensor:
+        return g
+
+    def commit_hashes(self, peer: BtardPeer, hashes: list[bytes]) -> list[bytes]:
+        return hashes
+
+    def grad_part(self, peer: BtardPeer, j: int, dest: bytes, part: torch.Tensor) -> torch.Tensor | None:
+        return part
+
+    def aggregate(self, peer: BtardPeer, j: int, dest: bytes, agg: torch.Tensor) -> torch.Tensor:
+        return agg
+
+    def agg_commit_value(self, peer: BtardPeer, j: int, agg: torch.Tensor) -> torch.Tensor:
+        return agg
+
+    def projections(
+        self, peer: BtardPeer, norms: np.ndarray, projs: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return norms, projs
+
+    def mprng_reveal(self, peer: BtardPeer, secret: bytes) -> bytes | None:
+        return secret
+
+    def extra_messages(
+        self, peer: BtardPeer, phase: Phase
+    ) -> list[tuple[Message | bytes, tuple[bytes, ...]]]:
+        """Additional messages to send when entering `phase` (signed by the peer unless given as bytes)."""
+        return []
+
+    def answers_pulls(self, peer: BtardPeer) -> bool:
+        return True
+
+    def accept(self, peer: BtardPeer, s: Signed) -> bool:
+        """Whether to process an incoming valid message (an attack may pretend it never arrived)."""
+        return True
+
+
+class _Barrier:
+    def __init__(self, kinds: tuple[Kind, ...], start: float, timeout: float) -> None:
+        self.kinds = kinds
+        self.deadline1 = start + timeout
+        self.deadline2 = start + 2 * timeout
+        self.digest_sent = False
+        self.digests_from: set[bytes] = set()
+
+
+class BtardPeer:
+    """The protocol state of one peer across steps. See the module docstring for the I/O contract."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        config: ProtocolConfig,
+        members: Sequence[bytes],
+        *,
+        oracle: GradientOracle | None = None,
+        behaviour: Behaviour | None = None,
+        start_step: int = 0,
+        r_prev: bytes = GENESIS,
+        validators: dict[bytes, bytes] | None = None,
+        secret_source: Callable[[int], bytes] = os.urandom,
+        projection_cache: checks.ProjectionCache | None = None,
+        audit: Callable[[str, object], None] | None = None,
+    ) -> None:
+        self.identity = identity
+        self.id = identity.peer_id
+        self.cfg = config
+        self.oracle = oracle
+        self.behaviour = behaviour or Behaviour()
+        self.members: tuple[bytes, ...] = tuple(sorted(members))
+        if self.id not in self.members:
+            raise LocalProtocolError("this peer is not in the member list")
+        self.step = start_step
+        self.r_prev = r_prev
+        self.validators: dict[bytes, bytes] = dict(validators or {})
+        self.banned: set[bytes] = set()
+        self.phase = Phase.IDLE
+        self._secret_source = secret_source
+        self._zcache = projection_cache or checks.ProjectionCache()
+        self._audit = audit or (lambda kind, obj: None)
+        self._outbox: list[object] = []
+        self._records: dict[int, _StepRecord] = {}
+        self._buffer: dict[bytes, list[bytes]] = defaultdict(list)
+        self.rejected = 0
+        self._reset_step_state()
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def is_validator(self) -> bool:
+        return self.id in self.validators
+
+    @property
+    def contributors(self) -> tuple[bytes, ...]:
+        return tuple(p for p in self.members if p not in self.validators)
+
+    def batch_seed(self, peer: bytes | None = None, step: int | None = None) -> bytes:
+        """ξ = H("batch", r^{t−1}, t, id): the public seed of a peer's minibatch at the current step."""
+        return digest("batch", self.r_prev, self.step if step is None else step, peer or self.id)
+
+    def events(self) -> list[object]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    @property
+    def next_deadline(self) -> float | None:
+        b = self._barrier
+        if self.phase in (Phase.IDLE, Phase.DONE):
+            return None
+        cands = []
+        if b is not None:
+            cands.append(b.deadline1 if not b.digest_sent else b.deadline2)
+        if self.phase == Phase.SCATTER and self._scatter_deadlines:
+            cands.append(self._scatter_deadlines[-1])
+        return min(cands) if cands else None
+
+    def begin_step(self, now: float, params_hash: bytes, gradient: torch.Tensor | None) -> None:
+        """Start step `self.step`. Contributors pass their gradient; validators pass None."""
+        if self.phase not in (Phase.IDLE,):
+            raise LocalProtocolError(f"begin_step in phase {self.phase.name}")
+        if self.is_validator != (gradient is None):
+            raise LocalProtocolError("validators pass gradient=None, contributors pass their gradient")
+        self._reset_step_state()
+        self._t0 = now
+        self.params_hash = params_hash
+        n = len(self.contributors)
+        self.bounds = checks.part_bounds(self.cfg.dim, n)
+        self.order = checks.part_order(self.contributors, self.r_prev)
+        if gradient is not None:
+            g = self.behaviour.gradient(self, gradient.detach().to(torch.float32).reshape(-1))
+            if g.numel() != self.cfg.dim:
+                raise LocalProtocolError(f"gradient has {g.numel()} elements, expected {self.cfg.dim}")
+            self.gradient = g
+            hashes = [
+                tensor_digest("grad-part", self.cfg.run_id, self.step, self.id, j, g[a:b])
+                for j, (a, b) in enumerate(self.bounds)
+            ]
+            hashes = self.behaviour.commit_hashes(self, hashes)
+            self._broadcast(GradCommit(self.cfg.run_id, self.step, self.id, params_hash, tuple(hashes)))
+        self._enter(Phase.COMMIT, now)
+        if self.is_validator:
+            self._validate(self.validators[self.id])
+        for raw in [r for lst in self._buffer.values() for r in lst]:
+            self.receive(raw, now)
+        self._buffer.clear()
+        self._advance(now)
+
+    def receive(self, raw: bytes, now: float) -> None:
+        """Take one message from the network. Never raises on bad input: it is counted and dropped."""
+        try:
+            s = decode(raw, self.cfg.limits)
+        except MalformedMessage as e:
+            self._reject(f"malformed: {e}")
+            return
+        m = s.msg
+        if m.run_id != self.cfg.run_id:
+            self._reject("wrong run id (replay from another run?)")
+            return
+        if m.sender not in self.members or m.sender in self.banned:
+            self._reject("sender is not an active member")
+            return
+        if m.step != self.step or self.phase in (Phase.IDLE, Phase.DONE):
+            if m.step == self.step + (0 if self.phase == Phase.IDLE else 1):
+                lst = self._buffer[m.sender]
+                if len(lst) < MAX_BUFFERED_PER_SENDER:
+                    lst.append(bytes(raw))
+                else:
+                    self._reject("too many early messages")
+            else:
+                self._reject(f"message for step {m.step} during step {self.step} (replay or stale)")
+            return
+        if not self.behaviour.accept(self, s):
+            return
+        self._handle(s, now)
+        self._advance(now)
+
+    def tick(self, now: float) -> None:
+        self._advance(now)
+
+    # ------------------------------------------------------------------ step state
+    def _reset_step_state(self) -> None:
+        self.slots: dict[tuple, Signed] = {}
+        self.accusations: dict[bytes, Signed] = {}
+        self._accused_slots: set[tuple] = set()
+        self._barrier: _Barrier | None = None
+        self._t0 = 0.0
+        self._pulled: set[tuple] = set()
+        self.gradient: torch.Tensor | None = None
+        self.params_hash = b""
+        self.committed: tuple[bytes, ...] = ()
+        self.aggregators: dict[int, bytes] = {}
+        self._agg_values: dict[int, torch.Tensor] = {}
+        self._scatter_deadlines: list[float] = []
+        self._scatter_public: dict[int, set[bytes]] = defaultdict(set)  # part -> senders publicly pulled
+        self._excluded_parts: dict[int, set[bytes]] = defaultdict(set)  # part -> senders proven bad
+        self._my_parts_done: set[int] = set()
+        self._secret = b""
+        self._clip_iters = 0
+        self._clipped = 0
+        self.r = b""
+        self.bounds = []
+        self.order = []
+
+    def _enter(self, phase: Phase, now: float) -> None:
+        self.phase = phase
+        kinds = BARRIER_KINDS.get(phase)
+        start = self._t0 + PHASE_START[phase] * self.cfg.phase_timeout
+        self._barrier = _Barrier(kinds, start, self.cfg.phase_timeout) if kinds else None
+        for msg, dests in self.behaviour.extra_messages(self, phase):
+            raw = msg if isinstance(msg, bytes) else encode(msg, self.identity).raw
+            self._outbox.append(Send(tuple(dests), raw))
+
+    # ------------------------------------------------------------------ sending
+    def _others(self) -> tuple[bytes, ...]:
+        return tuple(p for p in self.members if p != self.id and p not in self.banned)
+
+    def _sign(self, msg: Message) -> Signed:
+        s = encode(msg, self.identity)
+        self._audit("msg", s)
+        if msg.kind in CONTENT_KINDS:
+            self.slots.setdefault(msg.slot(), s)
+        elif msg.kind == Kind.ACCUSE:
+            self.accusations[s.msg_digest] = s
+        return s
+
+    def _broadcast(self, msg: Message) -> Signed:
+        s = self._sign(msg)
+        self._outbox.append(Send(self._others(), s.raw))
+        return s
+
+    def _send_to(self, dest: bytes, msg: Message) -> Signed:
+        s = self._sign(msg)
+        if dest != self.id:
+            self._outbox.append(Send((dest,), s.raw))
+        return s
+
+    def _accuse(
+        self, accused: bytes, reason: Reason, part: int, evidence: Sequence[Signed], about: int
+    ) -> None:
+        key = (accused, reason, part, about)
+        if key in self._accused_slots:
+            return
+        self._accused_slots.add(key)
+        self._broadcast(
+            Accuse(
+                self.cfg.run_id,
+                self.step,
+                self.id,
+                accused,
+                about,
+                reason,
+                part,
+                tuple(e.raw for e in evidence),
+            )
+        )
+
+    def _reject(self, why: str) -> None:
+        self.rejected += 1
+        self._audit("reject", {"step": self.step, "peer": short_id(self.id), "why": why})
+
+    # ------------------------------------------------------------------ receiving
+    def _handle(self, s: Signed, now: float) -> None:
+        m = s.msg
+        if m.kind == Kind.DIGEST:
+            self._on_digest(s)
+            return
+        if m.kind == Kind.PULL:
+            self._on_pull(m)
+            return
+        if m.kind == Kind.ACCUSE:
+            self.accusations.setdefault(s.msg_digest, s)
+            self._audit("msg", s)
+            return
+        if not self._role_ok(m):
+            self._reject(f"{m.kind.name} from {short_id(m.sender)} does not fit its role")
+            return
+        slot = m.slot()
+        old = self.slots.get(slot)
+        if old is not None:
+            if old.msg_digest != s.msg_digest:
+                self._audit("msg", s)
+                self._accuse(m.sender, Reason.EQUIVOCATION, getattr(m, "part", 0), (old, s), self.step)
+            return
+        self.slots[slot] = s
+        self._audit("msg", s)
+        if m.kind == Kind.GRAD_PART:
+            self._on_grad_part(s, now)
+        elif m.kind in (Kind.AGG_PART, Kind.AGG_COMMIT):
+            self._check_agg_pair(m.part)
+        elif m.kind == Kind.MPRNG_REVEAL:
+            self._check_reveal(m.sender)
+        elif m.kind == Kind.GRAD_COMMIT:
+            for j in range(len(self.bounds)):
+                if self.aggregators.get(j) == self.id and (Kind.GRAD_PART, m.sender, j) in self.slots:
+                    self._verify_part(self.slots[(Kind.GRAD_PART, m.sender, j)])
+
+    def _role_ok(self, m: Message) -> bool:
+        contributors = self.contributors
+        if m.kind in (Kind.GRAD_COMMIT, Kind.PROJ, Kind.GRAD_PART):
+            if m.sender not in contributors:
+                return False
+            return m.kind != Kind.GRAD_PART or 0 <= m.part < len(self.bounds)
+        if m.kind in (Kind.AGG_COMMIT, Kind.AGG_PART):
+            if not 0 <= m.part < len(self.bounds):
+                return False
+            agg = self.aggregators.get(m.part)
+            return agg == m.sender if agg is not None else m.sender in contributors
+        return True
+
+    def _on_digest(self, s: Signed) -> None:
+        m: Digest = s.msg
+        b = self._barrier
+        if b is not None and Kind(m.of_kind) in b.kinds:
+            b.digests_from.add((m.sender, m.of_kind))
+        listed = set()
+        for origin, idx, h in m.entries:
+            key = self._slot_key(m.of_kind, origin, idx)
+            listed.add(key)
+            have = self._lookup(m.of_kind, key, h)
+            if have is None and (key, h, m.sender) not in self._pulled:
+                self._pulled.add((key, h, m.sender))
+                self._send_to(m.sender, Pull(self.cfg.run_id, self.step, self.id, m.of_kind, origin, idx))
+        # Public re-send: whatever of mine the digest's sender lacks, it gets again.
+        for key, mine in list(self._own_of_kind(m.of_kind)):
+            if key not in listed and m.sender in self.members:
+                self._outbox.append(Send((m.sender,), mine.raw))
+
+    @staticmethod
+    def _slot_key(kind: int, origin: bytes, idx: int) -> tuple:
+        return (Kind(kind), origin, idx)
+
+    def _lookup(self, kind: int, key: tuple, h: bytes) -> Signed | None:
+        if kind == Kind.ACCUSE:
+            return self.accusations.get(h)
+        s = self.slots.get(key)
+        return s if s is not None and s.msg_digest == h else None
+
+    def _own_of_kind(self, kind: int):
+        if kind == Kind.ACCUSE:
+            for d, s in self.accusations.items():
+                if s.msg.sender == self.id:
+                    yield (Kind.ACCUSE, self.id, d), s
+            return
+        for key, s in self.slots.items():
+            if key[0] == kind and key[1] == self.id:
+                yield key, s
+
+    def _on_pull(self, m: Pull) -> None:
+        if not self.behaviour.answers_pulls(self):
+            return
+        if m.want_kind == Kind.ACCUSE:
+            found = [s for s in self.accusations.values() if s.msg.sender == m.origin]
+        else:
+            s = self.slots.get(self._slot_key(m.want_kind, m.origin, m.index))
+            found = [s] if s is not None else []
+        if m.public:
+            # The public re-send request for a missing gradient part: its owner re-sends it to everyone.
+            self._scatter_public[m.index].add(m.origin)
+            if m.origin == self.id and self.gradient is not None:
+                a, b = self.bounds[m.index]
+                key = (Kind.GRAD_PART, self.id, m.index)
+                s = self.slots.get(key) or self._sign(
+                    GradPart.of(self.cfg.run_id, self.step, self.id, m.index, self.gradient[a:b])
+                )
+                self._outbox.append(Send(self._others(), s.raw))
+            return
+        for s in found:
+            self._outbox.append(Send((m.sender,), s.raw))
+
+    # ------------------------------------------------------------------ parts
+    def _expected_part_len(self, j: int) -> int:
+        a, b = self.bounds[j]
+        return b - a
+
+    def _on_grad_part(self, s: Signed, now: float) -> None:
+        m: GradPart = s.msg
+        if self.aggregators.get(m.part) == self.id and self.phase == Phase.SCATTER:
+            self._verify_part(s)
+            if m.sender in self._scatter_public[m.part]:
+                self._outbox.append(Send(self._others(), s.raw))  # make the late part public
+
+    def _verify_part(self, s: Signed) -> bool:
+        """Aggregator-side checks of a received part; accuses with evidence and excludes it when bad."""
+        m: GradPart = s.msg
+        j = m.part
+        commit = self.slots.get((Kind.GRAD_COMMIT, m.sender, 0))
+        if len(m.data) // 4 != self._expected_part_len(j):
+            self._excluded_parts[j].add(m.sender)
+            self._accuse(m.sender, Reason.BAD_SHAPE, j, (s,), self.step)
+            return False
+        if not np.isfinite(np.frombuffer(m.data, dtype="<f4")).all():
+            self._excluded_parts[j].add(m.sender)
+            self._accuse(m.sender, Reason.NONFINITE, j, (s,), self.step)
+            return False
+        if commit is None:
+            return False
+        h = bytes_digest("grad-part", self.cfg.run_id, self.step, m.sender, j, m.data)
+        if len(commit.msg.part_hashes) != len(self.bounds) or commit.msg.part_hashes[j] != h:
+            self._excluded_parts[j].add(m.sender)
+            self._accuse(m.sender, Reason.COMMIT_MISMATCH, j, (commit, s), self.step)
+            return False
+        return True
+
+    def _check_agg_pair(self, j: int) -> None:
+        c = self.slots.get((Kind.AGG_COMMIT, self.aggregators.get(j, b""), j))
+        p = self.slots.get((Kind.AGG_PART, self.aggregators.get(j, b""), j))
+        if c is None or p is None:
+            return
+        h = bytes_digest("agg-part", self.cfg.run_id, self.step, p.msg.sender, j, p.msg.data)
+        if h != c.msg.agg_hash:
+            self._accuse(p.msg.sender, Reason.EQUIVOCATION, j, (c, p), self.step)
+        elif len(p.msg.data) // 4 != self._expected_part_len(j):
+            self._accuse(p.msg.sender, Reason.BAD_SHAPE, j, (p,), self.step)
+        elif not np.isfinite(np.frombuffer(p.msg.data, dtype="<f4")).all():
+            self._accuse(p.msg.sender, Reason.NONFINITE, j, (p,), self.step)
+
+    def _check_reveal(self, sender: bytes) -> None:
+        c = self.slots.get((Kind.MPRNG_COMMIT, sender, 0))
+        r = self.slots.get((Kind.MPRNG_REVEAL, sender, 0))
+        if (
+            c is not None
+            and r is not None
+            and _mprng_commitment(self, sender, r.msg.secret) != c.msg.commitment
+        ):
+            self._accuse(sender, Reason.MPRNG_MISMATCH, 0, (c, r), self.step)
+
+    # ------------------------------------------------------------------ the driver
+    def _advance(self, now: float) -> None:
+        while True:
+            before = self.phase
+            self._step_phase(now)
+            if self.phase == before or self.phase in (Phase.IDLE, Phase.DONE):
+                return
+
+    def _expected(self, phase: Phase) -> set[tuple]:
+        if phase == Phase.COMMIT:
+            return {(Kind.GRAD_COMMIT, p, 0) for p in self.contributors}
+        if phase == Phase.AGGREGATE:
+            exp = set()
+            for j, a in self.aggregators.items():
+                exp.add((Kind.AGG_COMMIT, a, j))
+                exp.add((Kind.AGG_PART, a, j))
+            return exp
+        if phase == Phase.MPRNG_COMMIT:
+            return {(Kind.MPRNG_COMMIT, p, 0) for p in self._live()}
+        if phase == Phase.MPRNG_REVEAL:
+            return {
+                (Kind.MPRNG_REVEAL, p, 0) for p in self._live() if (Kind.MPRNG_COMMIT, p, 0) in self.slots
+            }
+        if phase == Phase.PROJ:
+            return {(Kind.PROJ, p, 0) for p in self.committed}
+        return set()
+
+    def _live(self) -> tuple[bytes, ...]:
+        silent_contrib = set(self.contributors) - set(self.committed)
+        return tuple(p for p in self.members if p not in silent_contrib)
+
+    def _step_phase(self, now: float) -> None:
+        ph = self.phase
+        if ph == Phase.SCATTER:
+            self._scatter_progress(now)
+            return
+        b = self._barrier
+        if b is None:
+            return
+        expected = self._expected(ph)
+        have_all = expected.issubset(self.slots.keys())
+        if not b.digest_sent and (have_all or now >= b.deadline1):
+            b.digest_sent = True
+            for k in b.kinds:
+                if k == Kind.ACCUSE:
+                    entries = tuple((s.msg.sender, 0, d) for d, s in self.accusations.items())
+                else:
+                    entries = tuple(
+                        (key[1], key[2], s.msg_digest) for key, s in self.slots.items() if key[0] == k
+                    )
+                self._broadcast(Digest(self.cfg.run_id, self.step, self.id, int(k), entries))
+        if not b.digest_sent:
+            return
+        want = {(p, int(k)) for p in self._others() for k in b.kinds}
+        if ph == Phase.ACCUSE:
+            want = {(p, k) for (p, k) in want if p in self._live()}
+        if (have_all and want.issubset(b.digests_from)) or now >= b.deadline2:
+            self._close(ph, now)
+
+    def _close(self, ph: Phase, now: float) -> None:
+        if ph == Phase.COMMIT:
+            self.committed = tuple(p for p in self.contributors if (Kind.GRAD_COMMIT, p, 0) in self.slots)
+            self._assign_aggregators()
+            self._enter(Phase.SCATTER, now)
+            self._scatter_deadlines = [self._t0 + (PHASE_START[Phase.SCATTER] + 1) * self.cfg.phase_timeout]
+            self._send_parts()
+        elif ph == Phase.AGGREGATE:
+            self._enter(Phase.MPRNG_COMMIT, now)
+            self._secret = self._secret_source(32)
+            self._broadcast(
+                MprngCommit(
+                    self.cfg.run_id, self.step, self.id, _mprng_commitment(self, self.id, self._secret)
+                )
+            )
+        elif ph == Phase.MPRNG_COMMIT:
+            self._enter(Phase.MPRNG_REVEAL, now)
+            secret = self.behaviour.mprng_reveal(self, self._secret)
+            if secret is not None:
+                self._broadcast(MprngReveal(self.cfg.run_id, self.step, self.id, secret))
+        elif ph == Phase.MPRNG_REVEAL:
+            self.r = self._shared_random()
+            self._enter(Phase.PROJ, now)
+            if self.gradient is not None and self.id in self.committed:
+                self._send_projections()
+        elif ph == Phase.PROJ:
+            self._check_reports()
+            self._enter(Phase.ACCUSE, now)
+        elif ph == Phase.ACCUSE:
+            self._finish()
+
+    def _assign_aggregators(self) -> None:
+        present = [p for p in self.order if p in self.committed]
+        self.aggregators = {}
+        if not present:
+            return
+        for j, primary in enumerate(self.order):
+            if primary in self.committed:
+                self.aggregators[j] = primary
+            else:  # the next committed peer in the part order takes over a silent aggregator's part
+                k = self.order.index(primary)
+                for step_ in range(1, len(self.order) + 1):
+                    cand = self.order[(k + step_) % len(self.order)]
+                    if cand in self.committed:
+                        self.aggregators[j] = cand
+                        break
+
+    def _send_parts(self) -> None:
+        if self.gradient is None or self.id not in self.committed:
+            return
+        for j, (a, b) in enumerate(self.bounds):
+            dest = self.aggregators[j]
+            part = self.behaviour.grad_part(self, j, dest, self.gradient[a:b])
+            if part is None:
+                continue
+            msg = GradPart.of(self.cfg.run_id, self.step, self.id, j, part)
+            if dest == self.id:
+                s = self._sign(msg)
+                self.slots[(Kind.GRAD_PART, self.id, j)] = s
+            else:
+                self._send_to(dest, msg)
+
+    def _my_parts(self) -> list[int]:
+        return [j for j, a in self.aggregators.items() if a == self.id]
+
+    def _scatter_progress(self, now: float) -> None:
+        """As aggregator: wait for my parts; at the first deadline ask publicly for the missing ones (their
+        owners must re-send them to everyone); aggregate each part when complete or at the second deadline."""
+        public_round = len(self._scatter_deadlines) > 1
+        missing: dict[int, list[bytes]] = {}
+        for j in self._my_parts():
+            if j in self._my_parts_done:
+                continue
+            lacking = [p for p in self._part_senders(j, final=False) if (Kind.GRAD_PART, p, j) not in self.slots]
+            if not lacking or (public_round and now >= self._scatter_deadlines[-1]):
+                self._aggregate(j)
+            else:
+                missing[j] = lacking
+        if not missing:
+            self._scatter_deadlines = []
+            self._enter(Phase.AGGREGATE, now)
+            return
+        if not public_round and now >= self._scatter_deadlines[0]:
+            self._scatter_deadlines.append(self._t0 + PHASE_START[Phase.AGGREGATE] * self.cfg.phase_timeout)
+            for j, lacking in missing.items():
+                for p in lacking:
+                    self._scatter_public[j].add(p)
+                    self._broadcast(
+                        Pull(self.cfg.run_id, self.step, self.id, int(Kind.GRAD_PART), p, j, True)
+                    )
+
+    def _part_senders(self, j: int, *, final: bool = True) -> list[bytes]:
+        """E_j: committed senders, minus those proven bad for part j, and (when `final`) minus those that were
+        asked publicly for part j and never re-sent it."""
+        out = []
+        bad = self._excluded_parts[j] | self._proven_bad_part(j)
+        for p in self.committed:
+            if p in bad:
+                continue
+            if final and p in self._scatter_public[j] and (Kind.GRAD_PART, p, j) not in self.slots:
+                continue
+            out.append(p)
+        return out
+
+    def _proven_bad_part(self, j: int) -> set[bytes]:
+        """Senders that part j's aggregator accused (with valid evidence) about part j of this step."""
+        agg = self.aggregators.get(j)
+        bad = set()
+        for s in self.accusations.values():
+            a: Accuse = s.msg
+            if (
+                a.sender == agg
+                and a.part == j
+                and a.about_step == self.step
+                and a.reason in (Reason.COMMIT_MISMATCH, Reason.NONFINITE, Reason.BAD_SHAPE)
+                and self._resolve(s) == a.accused
+            ):
+                bad.add(a.accused)
+        return bad
+
+    def _aggregate(self, j: int) -> None:
+        self._my_parts_done.add(j)
+        senders = [
+            p
+            for p in self._part_senders(j)
+            if (Kind.GRAD_PART, p, j) in self.slots and self._verify_part(self.slots[(Kind.GRAD_PART, p, j)])
+        ]
+        length = self._expected_part_len(j)
+        if senders:
+            x = torch.stack([self.slots[(Kind.GRAD_PART, p, j)].msg.tensor() for p in senders])
+            res = centered_clip(
+                x, self.cfg.tau, lam=self.cfg.lam, eps_rel=self.cfg.eps_rel, max_iter=self.cfg.max_iter
+            )
+            agg = res.value.to(torch.float32)
+            self._clip_iters += res.iterations
+            self._clipped += res.n_clipped
+        else:
+            agg = torch.zeros(length)
+        committed_value = self.behaviour.agg_commit_value(self, j, agg)
+        h = tensor_digest("agg-part", self.cfg.run_id, self.step, self.id, j, committed_value)
+        self._broadcast(AggCommit(self.cfg.run_id, self.step, self.id, j, h))
+        for dest in self.members:
+            value = self.behaviour.aggregate(self, j, dest, committed_value)
+            msg = AggPart.of(self.cfg.run_id, self.step, self.id, j, value)
+            if dest == self.id:
+                self.slots.setdefault((Kind.AGG_PART, self.id, j), self._sign(msg))
+            elif dest not in self.banned:
+                self._send_to(dest, msg)
+
+    # ------------------------------------------------------------------ MPRNG and projections
+    def _shared_random(self) -> bytes:
+        reveals = []
+        for p in self.members:
+            c = self.slots.get((Kind.MPRNG_COMMIT, p, 0))
+            r = self.slots.get((Kind.MPRNG_REVEAL, p, 0))
+            if c and r and _mprng_commitment(self, p, r.msg.secret) == c.msg.commitment:
+                reveals.append(p + r.msg.secret)
+        return digest("mprng-r", self.cfg.run_id, self.step, self.r_prev, b"".join(reveals))
+
+    def _aggregate_part(self, j: int) -> torch.Tensor | None:
+        a = self.aggregators.get(j)
+        p = self.slots.get((Kind.AGG_PART, a, j))
+        c = self.slots.get((Kind.AGG_COMMIT, a, j))
+        if p is None or c is None:
+            return None
+        if len(p.msg.data) // 4 != self._expected_part_len(j):
+            return None
+        if bytes_digest("agg-part", self.cfg.run_id, self.step, a, j, p.msg.data) != c.msg.agg_hash:
+            return None
+        t = p.msg.tensor()
+        return t if bool(torch.isfinite(t).all()) else None
+
+    def _zs(self) -> list[torch.Tensor]:
+        return [
+            self._zcache.get(self.r, j, b - a, self.cfg.num_projections)
+            for j, (a, b) in enumerate(self.bounds)
+        ]
+
+    def _send_projections(self) -> None:
+        zs = self._zs()
+        norms = np.zeros(len(self.bounds))
+        projs = np.zeros((len(self.bounds), self.cfg.num_projections))
+        for j, (a, b) in enumerate(self.bounds):
+            agg = self._aggregate_part(j)
+            if agg is not None:
+                norms[j], projs[j] = checks.project(self.gradient[a:b], agg, zs[j])
+        norms, projs = self.behaviour.projections(self, norms, projs)
+        self._broadcast(Proj.of(self.cfg.run_id, self.step, self.id, norms, projs))
+
+    def _check_reports(self) -> None:
+        """As aggregator: recompute every sender's (n, s) for my parts and accuse liars with the signed part."""
+        zs = self._zs()
+        for j in self._my_parts():
+            agg = self._aggregate_part(j)
+            if agg is None:
+                continue
+            for p in self._part_senders(j):
+                part = self.slots.get((Kind.GRAD_PART, p, j))
+                proj = self.slots.get((Kind.PROJ, p, 0))
+                if part is None or proj is None or p == self.id:
+                    continue
+                if not self._proj_entry_ok(proj.msg, j, part.msg, agg, zs[j]):
+                    self._accuse(p, Reason.WRONG_PROJECTION, j, (part, proj), self.step)
+
+    def _proj_entry_ok(self, proj: Proj, j: int, part: GradPart, agg: torch.Tensor, z: torch.Tensor) -> bool:
+        if proj.norms.shape[0] != len(self.bounds) or proj.num_projections != self.cfg.num_projections:
+            return False
+        return checks.projection_report_matches(
+            (float(proj.norms[j]), proj.projections[j]), checks.project(part.tensor(), agg, z)
+        )
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self, target: bytes) -> None:
+        """As validator of step t: recompute the target's step t−1 gradient and accuse it on a mismatch."""
+        rec = self._records.get(self.step - 1)
+        if rec is None or self.oracle is None or target not in rec.commits:
+            return
+        if not self._validation_passes(rec, target):
+            ev = [rec.commits[target]] + ([rec.projs[target]] if target in rec.projs else [])
+            self._accuse(target, Reason.VALIDATION, 0, ev, rec.step)
+
+    def _validation_passes(self, rec: _StepRecord, target: bytes) -> bool:
+        g = self.oracle(rec.step, target).detach().to(torch.float32).reshape(-1)
+        commit: GradCommit = rec.commits[target].msg
+        if self.cfg.validation_mode == "exact":
+            hashes = tuple(
+                tensor_digest("grad-part", self.cfg.run_id, rec.step, target, j, g[a:b])
+                for j, (a, b) in enumerate(rec.bounds)
+            )
+            return hashes == commit.part_hashes
+        proj = rec.projs.get(target)
+        if proj is None or proj.msg.norms.shape[0] != len(rec.bounds):
+            return True  # nothing reported to compare with (the peer was excluded as silent)
+        zs = [
+            self._zcache.get(rec.r, j, b - a, self.cfg.num_projections) for j, (a, b) in enumerate(rec.bounds)
+        ]
+        norms, projs = checks.projections_for(g, rec.aggregate, rec.bounds, zs)
+        dev = checks.validation_deviation(proj.msg.norms, proj.msg.projections, norms, projs)
+        return dev <= checks.validation_tolerance(float(g.norm()), self.cfg.validation_rtol)
+
+    # ------------------------------------------------------------------ verdicts
+    def _resolve(self, s: Signed) -> bytes | None:
+        """Who an accusation bans: the accused if the evidence proves it, otherwise the accuser."""
+        a: Accuse = s.msg
+        try:
+            ev = [decode(raw, self.cfg.limits) for raw in a.evidence]
+        except MalformedMessage:
+            return a.sender
+        if any(e.msg.sender != a.accused or e.msg.run_id != self.cfg.run_id for e in ev):
+            return a.sender
+        proven = self._evidence_proves(a, ev)
+        return a.accused if proven else a.sender
+
+    def _evidence_proves(self, a: Accuse, ev: list[Signed]) -> bool:
+        r = a.reason
+        if r == Reason.VALIDATION:
+            rec = self._records.get(a.about_step)
+            if rec is None or a.about_step != self.step - 1 or not ev or ev[0].msg.kind != Kind.GRAD_COMMIT:
+                return False
+            if rec.commits.get(a.accused) is None or rec.commits[a.accused].msg_digest != ev[0].msg_digest:
+                return False
+            if self.oracle is None:
+                raise LocalProtocolError("resolving a validator's accusation needs a gradient oracle")
+            return not self._validation_passes(rec, a.accused)
+        if a.about_step != self.step or any(e.msg.step != self.step for e in ev):
+            return False
+        if r == Reason.EQUIVOCATION and len(ev) == 2:
+            m1, m2 = ev[0].msg, ev[1].msg
+            if m1.kind == m2.kind and m1.slot() == m2.slot() and m1.kind in CONTENT_KINDS:
+                return ev[0].msg_digest != ev[1].msg_digest
+            if {m1.kind, m2.kind} == {Kind.AGG_COMMIT, Kind.AGG_PART} and m1.part == m2.part:
+                c, p = (m1, m2) if m1.kind == Kind.AGG_COMMIT else (m2, m1)
+                return (
+                    bytes_digest("agg-part", self.cfg.run_id, self.step, p.sender, p.part, p.data)
+                    != c.agg_hash
+                )
+            return False
+        if r == Reason.COMMIT_MISMATCH and len(ev) == 2:
+            c, p = ev[0].msg, ev[1].msg
+            if c.kind != Kind.GRAD_COMMIT or p.kind != Kind.GRAD_PART or p.part != a.part:
+                return False
+            if len(c.part_hashes) != len(self.bounds):
+                return True
+            return (
+                bytes_digest("grad-part", self.cfg.run_id, self.step, p.sender, p.part, p.data)
+                != c.part_hashes[p.part]
+            )
+        if r in (Reason.NONFINITE, Reason.BAD_SHAPE) and len(ev) == 1:
+            p = ev[0].msg
+            if p.kind not in (Kind.GRAD_PART, Kind.AGG_PART) or not 0 <= p.part < len(self.bounds):
+                return False
+            if r == Reason.BAD_SHAPE:
+                return len(p.data) // 4 != self._expected_part_len(p.part)
+            return not np.isfinite(np.frombuffer(p.data, dtype="<f4")).all()
+        if r == Reason.MPRNG_MISMATCH and len(ev) == 2:
+            c, rv = ev[0].msg, ev[1].msg
+            if c.kind != Kind.MPRNG_COMMIT or rv.kind != Kind.MPRNG_REVEAL:
+                return False
+            return _mprng_commitment(self, a.accused, rv.secret) != c.commitment
+        if r == Reason.WRONG_PROJECTION and len(ev) == 2:
+            p, pr = ev[0].msg, ev[1].msg
+            if p.kind != Kind.GRAD_PART or pr.kind != Kind.PROJ or p.part != a.part:
+                return False
+            if not 0 <= p.part < len(self.bounds) or len(p.data) // 4 != self._expected_part_len(p.part):
+                return False
+            commit = self.slots.get((Kind.GRAD_COMMIT, a.accused, 0))
+            if commit is None or commit.msg.part_hashes[p.part : p.part + 1] != (
+                bytes_digest("grad-part", self.cfg.run_id, self.step, p.sender, p.part, p.data),
+            ):
+                return False  # the part must be the committed one
+            agg = self._aggregate_part(p.part)
+            if agg is None:
+                return False
+            return not self._proj_entry_ok(pr, p.part, p, agg, self._zs()[p.part])
+        return False
+
+    def _void_parts(self) -> set[int]:
+        """Parts whose aggregator is proven (equivocation, bad shape, non-finite) to have published a bad
+        aggregate: every honest peer treats them as missing, whatever copy it happened to receive."""
+        void = set()
+        for s in self.accusations.values():
+            a: Accuse = s.msg
+            if a.reason not in (Reason.EQUIVOCATION, Reason.BAD_SHAPE, Reason.NONFINITE):
+                continue
+            if self.aggregators.get(a.part) != a.accused:
+                continue
+            try:
+                kinds = {decode(raw, self.cfg.limits).msg.kind for raw in a.evidence}
+            except MalformedMessage:
+                continue
+            if kinds <= {Kind.AGG_COMMIT, Kind.AGG_PART} and self._resolve(s) == a.accused:
+                void.add(a.part)
+        return void
+
+    def _finish(self) -> None:
+        verdicts: dict[bytes, Verdict] = {}
+
+        def ban(who: bytes, reason: str, accuser: bytes | None, evidence: tuple[bytes, ...]) -> None:
+            if who not in verdicts and who in self.members:
+                verdicts[who] = Verdict(self.step, who, reason, accuser, evidence)
+
+        corrected: dict[tuple[int, bytes], tuple[float, np.ndarray]] = {}
+        void = self._void_parts()
+        for d in sorted(self.accusations):
+            s = self.accusations[d]
+            a: Accuse = s.msg
+            if a.reason == Reason.WRONG_PROJECTION and a.part in void:
+                continue  # projections against an equivocated aggregate mean nothing: no verdict
+            who = self._resolve(s)
+            if who == a.accused:
+                ban(who, a.reason.name.lower().replace("_", "-"), a.sender, (d,))
+                if a.reason == Reason.WRONG_PROJECTION:
+                    part = decode(a.evidence[0], self.cfg.limits).msg
+                    agg = self._aggregate_part(a.part)
+                    corrected[(a.part, a.accused)] = checks.project(part.tensor(), agg, self._zs()[a.part])
+            else:
+                ban(
+                    who,
+                    f"false accusation ({a.reason.name.lower()}) against {short_id(a.accused)}",
+                    None,
+                    (d,),
+                )
+
+        failed, missing = [], []
+        agg_full = torch.zeros(self.cfg.dim)
+        for j, (a, b) in enumerate(self.bounds):
+            aggregator = self.aggregators.get(j)
+            agg = None if j in void else self._aggregate_part(j)
+            if agg is None:
+                missing.append(j)
+                continue
+            senders = self._part_senders(j)
+            projs = [self.slots.get((Kind.PROJ, p, 0)) for p in senders]
+            if any(pr is None or pr.msg.norms.shape[0] != len(self.bounds) for pr in projs) or not senders:
+                agg_full[a:b] = agg  # a silent reporter leaves the part unchecked this step (it is excluded)
+                continue
+            norms = np.array([pr.msg.norms[j] for pr in projs])
+            s_vals = np.stack([pr.msg.projections[j] for pr in projs])
+            trusted = np.zeros(len(senders), dtype=bool)
+            for i, p in enumerate(senders):
+                if (j, p) in corrected:
+                    norms[i], s_vals[i] = corrected[(j, p)]
+                    trusted[i] = True
+            res = checks.fixed_point_check(
+                norms,
+                s_vals,
+                tau=self.cfg.tau,
+                lam=self.cfg.lam,
+                eps_rel=self.cfg.eps_rel,
+                plausibility=self.cfg.plausibility,
+                trusted=trusted,
+            )
+            if res.ok:
+                agg_full[a:b] = agg
+            else:
+                failed.append(j)
+                ban(
+                    aggregator,
+                    f"aggregate of part {j} fails the projection check ({res.statistic:.3g} > {res.tolerance:.3g})",
+                    None,
+                    (),
+                )
+        missing_set = set(missing)
+        excluded = set(self.contributors) - set(self.committed)
+        excluded |= {self.aggregators[j] for j in missing_set if j in self.aggregators}
+        live = self._live()
+        excluded |= {p for p in live if (Kind.MPRNG_COMMIT, p, 0) not in self.slots}
+        excluded |= {p for p in live if (Kind.MPRNG_REVEAL, p, 0) not in self.slots}
+        excluded |= {p for p in self.committed if (Kind.PROJ, p, 0) not in self.slots}
+        for j, ps in self._scatter_public.items():
+            excluded |= {p for p in ps if (Kind.GRAD_PART, p, j) not in self.slots and j not in missing_set}
+        excluded -= set(verdicts)
+        excluded.discard(self.id) if self.id not in excluded else None
+        next_members = tuple(p for p in self.members if p not in verdicts and p not in excluded)
+        self.banned |= set(verdicts)
+
+        self._records[self.step] = _StepRecord(
+            self.step,
+            self.r,
+            self.bounds,
+            agg_full,
+            {p: s for (k, p, _), s in self.slots.items() if k == Kind.GRAD_COMMIT},
+            {p: s for (k, p, _), s in self.slots.items() if k == Kind.PROJ},
+        )
+        self._records.pop(self.step - 2, None)
+        next_validators = choose_validators(
+            next_members, [p for p in self.committed if p in next_members], self.r, self.cfg.validators
+        )
+        result = StepResult(
+            step=self.step,
+            aggregate=agg_full,
+            r=self.r,
+            verdicts=tuple(verdicts[k] for k in sorted(verdicts)),
+            excluded=tuple(sorted(excluded)),
+            members=self.members,
+            next_members=next_members,
+            next_validators=next_validators,
+            failed_parts=tuple(failed),
+            missing_parts=tuple(missing),
+            clip_iterations=self._clip_iters,
+            clipped=self._clipped,
+            rejected_messages=self.rejected,
+        )
+        self._audit("step", result)
+        self._outbox.append(result)
+        # Advance to the next step (membership, shared randomness, validator roles).
+        self.phase = Phase.IDLE
+        if self.id in next_members:
+            self.members = next_members
+        self.r_prev = self.r
+        self.validators = next_validators
+        self.step += 1
+        _ = NEXT_PHASE  # the transition table documents this order
+
+
+def _mprng_commitment(peer: BtardPeer, sender: bytes, secret: bytes) -> bytes:
+    return digest("mprng", peer.cfg.run_id, peer.step, sender, secret)
+
+
+def choose_validators(
+    members: Sequence[bytes], candidates: Sequence[bytes], r: bytes, m: int
+) -> dict[bytes, bytes]:
+    """m validators among `members` and a distinct target (≠ itself) for each among `candidates`, from r.
+
+    At most ⌊(len(members) − 1)/2⌋ validators, so contributors stay the majority of the next step.
+    """
+    m = min(m, (len(members) - 1) // 2)
+    if m <= 0 or not candidates:
+        return {}
+    ranked = sorted(members, key=lambda p: digest("validator", r, p))[:m]
+    out = {}
+    for v in ranked:
+        targets = sorted((c for c in candidates if c != v), key=lambda c: digest("target", r, v, c))
+        if targets:
+            out[v] = targets[0]
+    return out
