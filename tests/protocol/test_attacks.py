@@ -90,7 +90,9 @@ def test_protocol_attack(name, make, expect):
         assert rep.ok, rep.summary()
 
 
-@pytest.mark.parametrize("phase", [Phase.COMMIT, Phase.SCATTER, Phase.AGGREGATE, Phase.MPRNG_REVEAL, Phase.PROJ])
+@pytest.mark.parametrize(
+    "phase", [Phase.COMMIT, Phase.SCATTER, Phase.AGGREGATE, Phase.MPRNG_REVEAL, Phase.PROJ]
+)
 def test_crash_at_each_phase_excludes_only_the_crashed_peer(phase):
     swarm = make_swarm(5, seed=3, validators=0)
     victim = swarm.ids[1]

@@ -57,7 +57,9 @@ def messages(draw):
         return Proj.of(RUN, t, pid, np.abs(rng.normal(size=n)), rng.normal(size=(n, k)))
     if choice == 7:
         ev = tuple(draw(st.lists(st.binary(max_size=64), max_size=4)))
-        return Accuse(RUN, t, pid, draw(digests), draw(steps), Reason(draw(st.integers(1, 7))), draw(parts), ev)
+        return Accuse(
+            RUN, t, pid, draw(digests), draw(steps), Reason(draw(st.integers(1, 7))), draw(parts), ev
+        )
     if choice == 8:
         ents = tuple(draw(st.lists(st.tuples(digests, parts, digests), max_size=10)))
         return Digest(RUN, t, pid, draw(st.integers(1, 10)), ents)

@@ -123,15 +123,17 @@ class Coalition:
 
 
 class CollusiveAggregator(ProtocolAttack):
-    """As aggregator, shift ĝ[j] by `scale`·τ·u (u a fixed unit direction); colluding senders then lie in their
-    projections so that the fixed-point sum stays within tolerance (see `CollusiveReporter`)."""
+    """As aggregator, shift ĝ[j] by e with ‖e‖ = alpha · c·τ·b/(n − b) (the collusion bound of protocol.md
+    §3.7), along a fixed direction; colluding senders then lie in their projections so that the fixed-point
+    sum stays within tolerance (see `CollusiveReporter`)."""
 
     name = "collusive-aggregator"
 
-    def __init__(self, coalition: Coalition, scale: float = 1.0, start: int = 0) -> None:
+    def __init__(self, coalition: Coalition, alpha: float = 0.5, start: int = 0) -> None:
         super().__init__(start)
         self.coalition = coalition
-        self.scale = scale
+        self.alpha = alpha
+        self.shift_norms: list[float] = []
 
     def agg_commit_value(self, peer, j, agg):
         if not self.on(peer):
@@ -141,16 +143,22 @@ class CollusiveAggregator(ProtocolAttack):
             for p in peer._part_senders(j)
             if (Kind.GRAD_PART, p, j) in peer.slots
         }
-        honest = [v for p, v in parts.items() if p not in self.coalition.members]
-        scale_ref = float(torch.stack(honest).std(dim=0).norm()) if len(honest) > 1 else 1.0
+        dists = torch.stack([(v.double() - agg.double()).norm() for v in parts.values()])
+        tau, _ = checks.clip_weights(dists, peer.cfg.tau, lam=peer.cfg.lam)
+        n, b = len(parts), len(self.coalition.members & set(parts))
+        bound = peer.cfg.plausibility * tau * b / max(n - b, 1)
         u = torch.ones_like(agg) / agg.numel() ** 0.5
-        e = u * self.scale * scale_ref
+        e = u * self.alpha * bound
+        self.shift_norms.append(float(e.norm()))
         self.coalition.shifts[(peer.step, j)] = e
         self.coalition.parts[(peer.step, j)] = parts
         return agg + e
 
     def projections(self, peer, norms, projs):
         return _collusive_projections(self.coalition, peer, norms, projs)
+
+    def should_accuse(self, peer, accused, reason):
+        return accused not in self.coalition.members
 
 
 class CollusiveReporter(ProtocolAttack):

@@ -111,6 +111,7 @@ class StepResult:
     next_validators: dict[bytes, bytes]
     failed_parts: tuple[int, ...]
     missing_parts: tuple[int, ...]
+    unapplied_parts: tuple[int, ...]  # passed the fixed-point check but failed the scale check: not applied
     clip_iterations: int
     clipped: int
     rejected_messages: int
@@ -123,7 +124,7 @@ class _StepRecord:
     step: int
     r: bytes
     bounds: list[tuple[int, int]]
-    aggregate: torch.Tensor
+    published: dict[int, torch.Tensor]  # the aggregate parts everyone projected against (valid ones only)
     commits: dict[bytes, Signed]
     projs: dict[bytes, Signed]
 
@@ -164,6 +165,10 @@ class Behaviour:
         return []
 
     def answers_pulls(self, peer: BtardPeer) -> bool:
+        return True
+
+    def should_accuse(self, peer: BtardPeer, accused: bytes, reason: Reason) -> bool:
+        """Whether to publish an accusation the honest protocol calls for (colluders cover each other)."""
         return True
 
     def accept(self, peer: BtardPeer, s: Signed) -> bool:
@@ -373,7 +378,7 @@ class BtardPeer:
         self, accused: bytes, reason: Reason, part: int, evidence: Sequence[Signed], about: int
     ) -> None:
         key = (accused, reason, part, about)
-        if key in self._accused_slots:
+        if key in self._accused_slots or not self.behaviour.should_accuse(self, accused, reason):
             return
         self._accused_slots.add(key)
         self._broadcast(
@@ -691,7 +696,9 @@ class BtardPeer:
         for j in self._my_parts():
             if j in self._my_parts_done:
                 continue
-            lacking = [p for p in self._part_senders(j, final=False) if (Kind.GRAD_PART, p, j) not in self.slots]
+            lacking = [
+                p for p in self._part_senders(j, final=False) if (Kind.GRAD_PART, p, j) not in self.slots
+            ]
             if not lacking or (public_round and now >= self._scatter_deadlines[-1]):
                 self._aggregate(j)
             else:
@@ -851,11 +858,16 @@ class BtardPeer:
         proj = rec.projs.get(target)
         if proj is None or proj.msg.norms.shape[0] != len(rec.bounds):
             return True  # nothing reported to compare with (the peer was excluded as silent)
-        zs = [
-            self._zcache.get(rec.r, j, b - a, self.cfg.num_projections) for j, (a, b) in enumerate(rec.bounds)
-        ]
-        norms, projs = checks.projections_for(g, rec.aggregate, rec.bounds, zs)
-        dev = checks.validation_deviation(proj.msg.norms, proj.msg.projections, norms, projs)
+        parts = sorted(rec.published)
+        if not parts:
+            return True
+        bounds = [rec.bounds[j] for j in parts]
+        zs = [self._zcache.get(rec.r, j, b - a, self.cfg.num_projections) for j, (a, b) in zip(parts, bounds)]
+        agg = torch.zeros(self.cfg.dim)
+        for j, (a, b) in zip(parts, bounds):
+            agg[a:b] = rec.published[j]
+        norms, projs = checks.projections_for(g, agg, bounds, zs)
+        dev = checks.validation_deviation(proj.msg.norms[parts], proj.msg.projections[parts], norms, projs)
         return dev <= checks.validation_tolerance(float(g.norm()), self.cfg.validation_rtol)
 
     # ------------------------------------------------------------------ verdicts
@@ -981,7 +993,8 @@ class BtardPeer:
                     (d,),
                 )
 
-        failed, missing = [], []
+        failed, missing, unapplied = [], [], []
+        published: dict[int, torch.Tensor] = {}
         agg_full = torch.zeros(self.cfg.dim)
         for j, (a, b) in enumerate(self.bounds):
             aggregator = self.aggregators.get(j)
@@ -989,6 +1002,7 @@ class BtardPeer:
             if agg is None:
                 missing.append(j)
                 continue
+            published[j] = agg
             senders = self._part_senders(j)
             projs = [self.slots.get((Kind.PROJ, p, 0)) for p in senders]
             if any(pr is None or pr.msg.norms.shape[0] != len(self.bounds) for pr in projs) or not senders:
@@ -1010,8 +1024,13 @@ class BtardPeer:
                 plausibility=self.cfg.plausibility,
                 trusted=trusted,
             )
-            if res.ok:
+            if res.ok and (
+                len(senders) < checks.SCALE_MIN_REPORTS
+                or checks.scale_ratio(norms, s_vals) <= checks.SCALE_LIMIT
+            ):
                 agg_full[a:b] = agg
+            elif res.ok:
+                unapplied.append(j)
             else:
                 failed.append(j)
                 ban(
@@ -1038,7 +1057,7 @@ class BtardPeer:
             self.step,
             self.r,
             self.bounds,
-            agg_full,
+            published,
             {p: s for (k, p, _), s in self.slots.items() if k == Kind.GRAD_COMMIT},
             {p: s for (k, p, _), s in self.slots.items() if k == Kind.PROJ},
         )
@@ -1057,6 +1076,7 @@ class BtardPeer:
             next_validators=next_validators,
             failed_parts=tuple(failed),
             missing_parts=tuple(missing),
+            unapplied_parts=tuple(unapplied),
             clip_iterations=self._clip_iters,
             clipped=self._clipped,
             rejected_messages=self.rejected,
