@@ -17,8 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from btard.protocol.messages import Kind, decode  # noqa: E402
 from tests.protocol.conftest import make_swarm  # noqa: E402
+
+from btard.protocol.messages import Kind, decode  # noqa: E402
 
 GRADIENT_KINDS = {Kind.GRAD_PART, Kind.AGG_PART}
 
