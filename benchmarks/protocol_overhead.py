@@ -59,7 +59,9 @@ def main() -> None:
     ns = [4, 8] if args.quick else [4, 8, 16]
     ds = [10_000, 100_000] if args.quick else [100_000, 1_000_000]
     rows = [measure(n, d) for n in ns for d in ds]
-    print("| n | d | gradient msgs/peer | gradient MB/peer | protocol msgs/peer | protocol KB/peer | overhead % |")
+    print(
+        "| n | d | gradient msgs/peer | gradient MB/peer | protocol msgs/peer | protocol KB/peer | overhead % |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(

@@ -22,7 +22,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="btard", description="Byzantine-tolerant collaborative training (BTARD-SGD)")
+    p = argparse.ArgumentParser(
+        prog="btard", description="Byzantine-tolerant collaborative training (BTARD-SGD)"
+    )
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("audit", help="verify a peer's audit log offline (signatures, commitments, bans, r^t)")
     a.add_argument("log", help="path of an audit log (JSON lines)")

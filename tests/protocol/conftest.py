@@ -8,9 +8,8 @@ import torch
 
 from btard.crypto import Identity
 from btard.protocol.audit import AuditLog
-from btard.protocol.checks import ProjectionCache
-from btard.protocol.harness import Harness, seeded_secrets
-from btard.protocol.peer import Behaviour, BtardPeer, ProtocolConfig
+from btard.protocol.harness import Harness, build_peers
+from btard.protocol.peer import Behaviour, ProtocolConfig
 from btard.transport.memory import MemoryNetwork, NetworkFaults
 
 RUN = b"test-run-0000000"
@@ -54,22 +53,12 @@ def make_swarm(
     ids = [i.peer_id for i in idents]
     cfg_kw.setdefault("validators", 0)
     cfg = ProtocolConfig(run_id=RUN, dim=dim, **cfg_kw)
-    cache = ProjectionCache()
     honest = [ids[i] for i in range(n) if i not in behaviours]
     swarm = Swarm(ids, None, {}, cfg, honest, {})  # type: ignore[arg-type]
-    peers = {}
-    for i, ident in enumerate(idents):
-        swarm.audits[ident.peer_id] = AuditLog(ident)
-        peers[ident.peer_id] = BtardPeer(
-            ident,
-            cfg,
-            ids,
-            oracle=swarm.gradient,
-            behaviour=behaviours.get(i),
-            secret_source=seeded_secrets(seed, ident.peer_id),
-            projection_cache=cache,
-            audit=swarm.audits[ident.peer_id],
-        )
+    swarm.audits = {i.peer_id: AuditLog(i) for i in idents}
+    peers = build_peers(
+        idents, cfg, oracle=swarm.gradient, behaviours=behaviours, seed=seed, audits=swarm.audits
+    )
     swarm.harness = Harness(peers, MemoryNetwork(seed, faults))
     return swarm
 

@@ -146,3 +146,23 @@ def list_attacks(kind: AttackKind | str | None = None) -> list[str]:
 for _cls in (SignFlip, RandomDirection, LabelFlip, DelayedGradient, IPM, ALIE, GaussianNoise, NaNAttack):
     register_attack(_cls.name, _cls)
 del _cls
+
+# Protocol attacks live beside the protocol (they subclass its Behaviour); registered lazily to keep imports light.
+_PROTOCOL_ATTACKS = {
+    "wrong-aggregate": "WrongAggregate",
+    "equivocate-aggregate": "EquivocateAggregate",
+    "equivocate-commit": "EquivocateCommit",
+    "commit-mismatch": "CommitMismatch",
+    "bad-shape": "BadShapePart",
+    "nan-part": "NaNPart",
+    "lying-projections": "LyingProjections",
+    "false-accusation": "FalseAccusation",
+    "framing-by-omission": "FramingByOmission",
+    "mprng-withhold": "WithholdReveal",
+    "mprng-alter": "AlterReveal",
+    "replay": "Replay",
+    "malformed": "Malformed",
+    "silent": "Silent",
+}
+for _name, _cls_name in _PROTOCOL_ATTACKS.items():
+    register_attack(_name, f"btard.attacks.protocol:{_cls_name}")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from btard.protocol.peer import BtardPeer, Send, StepResult
+from btard.crypto import Identity
+from btard.protocol.checks import ProjectionCache
+from btard.protocol.messages import DecodeCache
+from btard.protocol.peer import Behaviour, BtardPeer, GradientOracle, ProtocolConfig, Send, StepResult
 from btard.protocol.state import Phase
 from btard.transport.memory import MemoryNetwork
 
@@ -54,32 +57,69 @@ class Harness:
         """
         results: dict[bytes, StepResult] = {}
         live = [pid for pid, p in self.peers.items() if not self.crashed(pid)]
+        deadline: dict[bytes, float | None] = {}
+
+        def touched(pid: bytes) -> None:
+            self._flush(pid, results)
+            waiting = pid not in results and not self.crashed(pid)
+            deadline[pid] = self.peers[pid].next_deadline if waiting else None
+
         for pid in live:
             self.peers[pid].begin_step(self.now, params_hash, gradients.get(pid))
-            self._flush(pid, results)
+            touched(pid)
         for _ in range(self.max_events):
-            waiting = [pid for pid in live if pid not in results and not self.crashed(pid)]
-            if not waiting:
+            if all(pid in results or self.crashed(pid) for pid in live):
                 return results
             t_msg = self.network.next_time()
-            deadlines = [d for pid in waiting if (d := self.peers[pid].next_deadline) is not None]
-            t_dead = min(deadlines) if deadlines else None
+            pending = [d for d in deadline.values() if d is not None]
+            t_dead = min(pending) if pending else None
             if t_msg is not None and (t_dead is None or t_msg <= t_dead):
                 self.now, _src, dest, raw = self.network.pop()
-                if dest in self.peers and not self.crashed(dest) and dest not in results:
-                    self.peers[dest].receive(raw, self.now)
-                    self._flush(dest, results)
-                elif dest in self.peers and dest in results and not self.crashed(dest):
-                    self.peers[dest].receive(raw, self.now)  # buffered for the next step
-                    self._flush(dest, results)
+                if dest in self.peers and not self.crashed(dest):
+                    self.peers[dest].receive(raw, self.now)  # after its result: buffered for the next step
+                    touched(dest)
             elif t_dead is not None:
                 self.now = max(self.now, t_dead)
-                for pid in waiting:
-                    self.peers[pid].tick(self.now)
-                    self._flush(pid, results)
+                for pid in live:
+                    if deadline.get(pid) is not None:
+                        self.peers[pid].tick(self.now)
+                        touched(pid)
             else:
                 raise RuntimeError("deadlock: no message in flight and no deadline pending")
         raise RuntimeError("step did not finish within max_events")
+
+
+def build_peers(
+    identities: Sequence[Identity],
+    config: ProtocolConfig,
+    *,
+    oracle: GradientOracle | None,
+    behaviours: Mapping[int, Behaviour] | None = None,
+    seed: int = 0,
+    audits: Mapping[bytes, Callable[[str, object], None]] | None = None,
+) -> dict[bytes, BtardPeer]:
+    """One peer per identity (index i gets ``behaviours[i]`` if given), sharing one projection cache and one
+    decode cache (both pure functions of public bytes, so sharing only saves time), with reproducible MPRNG
+    secrets."""
+    ids = [i.peer_id for i in identities]
+    cache = ProjectionCache()
+    decoded = DecodeCache()
+    behaviours = behaviours or {}
+    audits = audits or {}
+    return {
+        ident.peer_id: BtardPeer(
+            ident,
+            config,
+            ids,
+            oracle=oracle,
+            behaviour=behaviours.get(i),
+            secret_source=seeded_secrets(seed, ident.peer_id),
+            projection_cache=cache,
+            decode_cache=decoded,
+            audit=audits.get(ident.peer_id),
+        )
+        for i, ident in enumerate(identities)
+    }
 
 
 def seeded_secrets(seed: int, pid: bytes) -> Callable[[int], bytes]:

@@ -445,6 +445,27 @@ def encode(msg: Message, identity: Identity) -> Signed:
     return Signed(msg, header + body + identity.sign(d), d)
 
 
+class DecodeCache:
+    """Remembers decoded messages by their exact bytes. `decode` is a pure function of (bytes, limits), so
+    peers simulated in one process can share one cache and decode and verify each distinct message once.
+    Never share it between processes or trust boundaries: it is an optimisation of the simulator. Bounded."""
+
+    def __init__(self, max_entries: int = 50_000) -> None:
+        self._max = max_entries
+        self._store: dict[tuple[bytes, Limits], Signed] = {}
+
+    def decode(self, raw: bytes, limits: Limits) -> Signed:
+        key = (raw, limits)
+        hit = self._store.get(key)
+        if hit is not None:
+            return hit
+        s = decode(raw, limits)
+        if len(self._store) >= self._max:
+            self._store.clear()
+        self._store[key] = s
+        return s
+
+
 def decode(raw: bytes, limits: Limits = Limits()) -> Signed:
     """Parse, bound-check and signature-verify one message (see module docstring for guarantees)."""
     if not isinstance(raw, bytes | bytearray | memoryview):

@@ -25,6 +25,7 @@ from btard.protocol.messages import (
     Accuse,
     AggCommit,
     AggPart,
+    DecodeCache,
     Digest,
     GradCommit,
     GradPart,
@@ -58,7 +59,7 @@ class ProtocolConfig:
     run_id: bytes
     dim: int
     tau: float | str = "adaptive"
-    lam: float = 2.0
+    lam: float = 1.0  # λ ≤ 1 keeps the adaptive τ's bias bounded whatever the attack size (aggregation docs)
     eps_rel: float = 1e-4
     max_iter: int = 1000
     num_projections: int = 4
@@ -201,6 +202,7 @@ class BtardPeer:
         validators: dict[bytes, bytes] | None = None,
         secret_source: Callable[[int], bytes] = os.urandom,
         projection_cache: checks.ProjectionCache | None = None,
+        decode_cache: DecodeCache | None = None,
         audit: Callable[[str, object], None] | None = None,
     ) -> None:
         self.identity = identity
@@ -218,6 +220,7 @@ class BtardPeer:
         self.phase = Phase.IDLE
         self._secret_source = secret_source
         self._zcache = projection_cache or checks.ProjectionCache()
+        self._dcache = decode_cache
         self._audit = audit or (lambda kind, obj: None)
         self._outbox: list[object] = []
         self._records: dict[int, _StepRecord] = {}
@@ -288,7 +291,10 @@ class BtardPeer:
     def receive(self, raw: bytes, now: float) -> None:
         """Take one message from the network. Never raises on bad input: it is counted and dropped."""
         try:
-            s = decode(raw, self.cfg.limits)
+            if not isinstance(raw, bytes | bytearray | memoryview):
+                raise MalformedMessage("bad-type", "message must be bytes")
+            raw = bytes(raw)
+            s = self._dcache.decode(raw, self.cfg.limits) if self._dcache else decode(raw, self.cfg.limits)
         except MalformedMessage as e:
             self._reject(f"malformed: {e}")
             return
@@ -324,12 +330,13 @@ class BtardPeer:
         self._accused_slots: set[tuple] = set()
         self._barrier: _Barrier | None = None
         self._t0 = 0.0
+        self._expect: set[tuple] = set()
         self._pulled: set[tuple] = set()
         self.gradient: torch.Tensor | None = None
         self.params_hash = b""
         self.committed: tuple[bytes, ...] = ()
         self.aggregators: dict[int, bytes] = {}
-        self._agg_values: dict[int, torch.Tensor] = {}
+        self._agg_cache: dict[int, torch.Tensor | None] = {}
         self._scatter_deadlines: list[float] = []
         self._scatter_public: dict[int, set[bytes]] = defaultdict(set)  # part -> senders publicly pulled
         self._excluded_parts: dict[int, set[bytes]] = defaultdict(set)  # part -> senders proven bad
@@ -346,6 +353,7 @@ class BtardPeer:
         kinds = BARRIER_KINDS.get(phase)
         start = self._t0 + PHASE_START[phase] * self.cfg.phase_timeout
         self._barrier = _Barrier(kinds, start, self.cfg.phase_timeout) if kinds else None
+        self._expect = self._expected(phase)
         for msg, dests in self.behaviour.extra_messages(self, phase):
             raw = msg if isinstance(msg, bytes) else encode(msg, self.identity).raw
             self._outbox.append(Send(tuple(dests), raw))
@@ -359,6 +367,8 @@ class BtardPeer:
         self._audit("msg", s)
         if msg.kind in CONTENT_KINDS:
             self.slots.setdefault(msg.slot(), s)
+            if msg.kind in (Kind.AGG_PART, Kind.AGG_COMMIT):
+                self._agg_cache.pop(msg.part, None)
         elif msg.kind == Kind.ACCUSE:
             self.accusations[s.msg_digest] = s
         return s
@@ -426,6 +436,7 @@ class BtardPeer:
         if m.kind == Kind.GRAD_PART:
             self._on_grad_part(s, now)
         elif m.kind in (Kind.AGG_PART, Kind.AGG_COMMIT):
+            self._agg_cache.pop(m.part, None)
             self._check_agg_pair(m.part)
         elif m.kind == Kind.MPRNG_REVEAL:
             self._check_reveal(m.sender)
@@ -603,8 +614,7 @@ class BtardPeer:
         b = self._barrier
         if b is None:
             return
-        expected = self._expected(ph)
-        have_all = expected.issubset(self.slots.keys())
+        have_all = self._expect.issubset(self.slots.keys())
         if not b.digest_sent and (have_all or now >= b.deadline1):
             b.digest_sent = True
             for k in b.kinds:
@@ -785,6 +795,12 @@ class BtardPeer:
         return digest("mprng-r", self.cfg.run_id, self.step, self.r_prev, b"".join(reveals))
 
     def _aggregate_part(self, j: int) -> torch.Tensor | None:
+        """ĝ[j] as received, if its commit and part match, it has the right length and is finite (cached)."""
+        if j not in self._agg_cache:
+            self._agg_cache[j] = self._load_aggregate_part(j)
+        return self._agg_cache[j]
+
+    def _load_aggregate_part(self, j: int) -> torch.Tensor | None:
         a = self.aggregators.get(j)
         p = self.slots.get((Kind.AGG_PART, a, j))
         c = self.slots.get((Kind.AGG_COMMIT, a, j))
