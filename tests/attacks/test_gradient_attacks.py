@@ -171,7 +171,7 @@ def test_attack_table(spec, params, holds):
     assert v.data_ptr() != ctx.own_gradient.data_ptr()
 
 
-@pytest.mark.parametrize("name", list_attacks())
+@pytest.mark.parametrize("name", list_attacks("gradient"))
 def test_every_builtin_is_deterministic_given_the_context(name):
     ctx = make_ctx(step=7, peer_index=1)
     ctx = replace(ctx, compute_gradient=_flipped_gradient(ctx.own_gradient))
@@ -516,7 +516,7 @@ def test_load_user_attack_from_module_and_file(tmp_path, monkeypatch, isolated_r
     assert "half-flip" in list_attacks(kind=AttackKind.GRADIENT) and "silence" not in list_attacks(
         kind="gradient"
     )
-    assert list_attacks(kind="protocol") == ["silence"]
+    assert "silence" in list_attacks(kind="protocol") and "wrong-aggregate" in list_attacks(kind="protocol")
     assert isinstance(get_attack("silence"), Attack)
     with pytest.raises(ValueError, match="already registered"):
         register_attack("half-flip", SignFlip)

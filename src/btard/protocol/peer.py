@@ -237,10 +237,6 @@ class BtardPeer:
     def contributors(self) -> tuple[bytes, ...]:
         return tuple(p for p in self.members if p not in self.validators)
 
-    def batch_seed(self, peer: bytes | None = None, step: int | None = None) -> bytes:
-        """ξ = H("batch", r^{t−1}, t, id): the public seed of a peer's minibatch at the current step."""
-        return digest("batch", self.r_prev, self.step if step is None else step, peer or self.id)
-
     def events(self) -> list[object]:
         out, self._outbox = self._outbox, []
         return out
