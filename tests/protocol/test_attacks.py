@@ -39,7 +39,7 @@ TABLE = [
     ("nan-part", pa.NaNPart, Expect(banned="nonfinite")),
     ("lying-projections", pa.LyingProjections, Expect(banned="wrong-projection")),
     ("false-accusation", pa.FalseAccusation, Expect(banned="false accusation")),
-    ("framing-by-omission", pa.FramingByOmission, Expect(banned="projection check")),
+    ("framing-by-omission", pa.FramingByOmission, Expect()),  # the public re-send clears the victim
     ("mprng-withhold", pa.WithholdReveal, Expect(excluded=True)),
     ("mprng-alter", pa.AlterReveal, Expect(banned="mprng-mismatch")),
     ("silent-sender", lambda: pa.Silent(Phase.SCATTER), Expect(excluded=True)),

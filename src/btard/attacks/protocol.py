@@ -140,7 +140,7 @@ class CollusiveAggregator(ProtocolAttack):
             return agg
         parts = {
             p: peer.slots[(Kind.GRAD_PART, p, j)].msg.tensor()
-            for p in peer._part_senders(j)
+            for p in peer._expected_senders(j)
             if (Kind.GRAD_PART, p, j) in peer.slots
         }
         dists = torch.stack([(v.double() - agg.double()).norm() for v in parts.values()])
@@ -183,7 +183,7 @@ def _collusive_projections(coalition: Coalition, peer: BtardPeer, norms: np.ndar
         if step != peer.step or peer.id not in parts:
             continue
         agg = peer._aggregate_part(j)
-        senders = [p for p in peer._part_senders(j) if p in parts]
+        senders = [p for p in peer._declared(j) if p in parts]
         vals = {p: checks.project(parts[p], agg, zs[j]) for p in senders}
         n = np.array([vals[p][0] for p in senders])
         # With each liar at distance τ-ish (weight 1), its s counts fully: solve for the cancelling total.

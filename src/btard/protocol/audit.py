@@ -4,8 +4,8 @@ Format: JSON lines. Each record carries ``prev`` (hex BLAKE3 of the previous lin
 signed by the log's owner over the chain head, so a third party detects any edited, inserted or deleted line.
 `verify_log` re-checks offline: the chain and owner signatures, every message signature, the chain of r^t
 (recomputed from the MPRNG commits and reveals in the log) and every ban whose evidence is self-contained
-(equivocation, commit mismatch, non-finite or mis-shaped part, MPRNG mismatch). Bans that need the model
-(a validator's recomputation) or the step's aggregate are checked for the presence and signatures of their
+(equivocation, commit mismatch, non-finite part, MPRNG mismatch). Bans that need the model (a validator's
+recomputation), the step's aggregate or its part sizes (a mis-shaped part) are checked for the presence and signatures of their
 evidence and reported as such.
 """
 
@@ -26,7 +26,6 @@ SELF_CONTAINED = {
     "equivocation",
     "commit-mismatch",
     "nonfinite",
-    "bad-shape",
     "mprng-mismatch",
 }
 

@@ -204,23 +204,29 @@ class AggPart(_TensorMessage):
 
 @dataclass(frozen=True)
 class AggCommit(Message):
-    """Step 5: H(ĝ[part]), broadcast by the aggregator."""
+    """Step 5: H(ĝ[part]) and the senders whose parts the aggregator included (sorted peer ids), broadcast by
+    the aggregator. Declaring the inputs makes omissions accountable (see `BtardPeer._finish`)."""
 
     kind: ClassVar[Kind] = Kind.AGG_COMMIT
     part: int
     agg_hash: bytes
+    included: tuple[bytes, ...] = ()
 
     def body_fields(self) -> list:
-        return [self.part, self.agg_hash]
+        return [self.part, self.agg_hash, list(self.included)]
 
     @classmethod
     def from_fields(cls, h: Header, f: list, limits: Limits) -> AggCommit:
+        inc = f[2]
+        if not isinstance(inc, list) or len(inc) > limits.max_peers:
+            raise MalformedMessage("bad-field", "included: expected a list of at most max_peers ids")
         return cls(
             h.run_id,
             h.step,
             h.sender,
             _int(f[0], 0, limits.max_peers - 1, "part"),
             _bytes(f[1], DIGEST_BYTES, "agg_hash"),
+            tuple(_bytes(x, PEER_ID_BYTES, "included id") for x in inc),
         )
 
 
@@ -407,7 +413,7 @@ _BODY_LEN = {
     GradCommit: 2,
     GradPart: 2,
     AggPart: 2,
-    AggCommit: 2,
+    AggCommit: 3,
     MprngCommit: 1,
     MprngReveal: 1,
     Proj: 3,

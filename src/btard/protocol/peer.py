@@ -180,10 +180,14 @@ class Behaviour:
 class _Barrier:
     def __init__(self, kinds: tuple[Kind, ...], start: float, timeout: float) -> None:
         self.kinds = kinds
+        # An AGG_COMMIT names its part's hash, so the AGG_COMMIT digest covers AGG_PART too (pulled on demand).
+        self.digest_kinds = tuple(k for k in kinds if k != Kind.AGG_PART)
         self.deadline1 = start + timeout
         self.deadline2 = start + 2 * timeout
         self.digest_sent = False
-        self.digests_from: set[bytes] = set()
+        self.want: set[tuple[bytes, int]] | None = None
+        self.retry_at = start + 1.5 * timeout
+        self.repulled = False
 
 
 class BtardPeer:
@@ -226,6 +230,8 @@ class BtardPeer:
         self._records: dict[int, _StepRecord] = {}
         self._buffer: dict[bytes, list[bytes]] = defaultdict(list)
         self.rejected = 0
+        self._contrib_key: tuple | None = None
+        self._contrib: tuple[bytes, ...] = ()
         self._reset_step_state()
 
     # ------------------------------------------------------------------ public API
@@ -235,7 +241,12 @@ class BtardPeer:
 
     @property
     def contributors(self) -> tuple[bytes, ...]:
-        return tuple(p for p in self.members if p not in self.validators)
+        """Members that contribute a gradient this step (all but the validators)."""
+        key = (self.members, tuple(self.validators))
+        if self._contrib_key != key:
+            self._contrib_key = key
+            self._contrib = tuple(p for p in self.members if p not in self.validators)
+        return self._contrib
 
     def events(self) -> list[object]:
         out, self._outbox = self._outbox, []
@@ -249,6 +260,8 @@ class BtardPeer:
         cands = []
         if b is not None:
             cands.append(b.deadline1 if not b.digest_sent else b.deadline2)
+            if self._awaiting and not b.repulled:
+                cands.append(b.retry_at)
         if self.phase == Phase.SCATTER and self._scatter_deadlines:
             cands.append(self._scatter_deadlines[-1])
         return min(cands) if cands else None
@@ -323,19 +336,26 @@ class BtardPeer:
     def _reset_step_state(self) -> None:
         self.slots: dict[tuple, Signed] = {}
         self.accusations: dict[bytes, Signed] = {}
+        # Public requests for missing parts and the parts re-sent in answer: covered by the ACCUSE-phase digest
+        # so every honest peer decides exclusions from the same set.
+        self.public: dict[bytes, Signed] = {}
+        self._own: dict[Kind, dict[object, Signed]] = {}
+        self._live_cache: tuple[bytes, ...] | None = None
         self._accused_slots: set[tuple] = set()
         self._barrier: _Barrier | None = None
         self._t0 = 0.0
         self._expect: set[tuple] = set()
         self._pulled: set[tuple] = set()
+        self._digests_from: set[tuple[bytes, int]] = set()  # (sender, kind) of digests this step
+        # digests of messages pulled and not yet received -> (kind, origin, index) to pull them again
+        self._awaiting: dict[bytes, tuple[int, bytes, int]] = {}
+        self._seen: set[bytes] = set()  # digests of every message handled this step
         self.gradient: torch.Tensor | None = None
         self.params_hash = b""
         self.committed: tuple[bytes, ...] = ()
         self.aggregators: dict[int, bytes] = {}
         self._agg_cache: dict[int, torch.Tensor | None] = {}
         self._scatter_deadlines: list[float] = []
-        self._scatter_public: dict[int, set[bytes]] = defaultdict(set)  # part -> senders publicly pulled
-        self._excluded_parts: dict[int, set[bytes]] = defaultdict(set)  # part -> senders proven bad
         self._my_parts_done: set[int] = set()
         self._secret = b""
         self._clip_iters = 0
@@ -361,6 +381,8 @@ class BtardPeer:
     def _sign(self, msg: Message) -> Signed:
         s = encode(msg, self.identity)
         self._audit("msg", s)
+        own = self._own.setdefault(msg.kind, {})
+        own[s.msg_digest if msg.kind == Kind.ACCUSE else msg.slot()] = s
         if msg.kind in CONTENT_KINDS:
             self.slots.setdefault(msg.slot(), s)
             if msg.kind in (Kind.AGG_PART, Kind.AGG_COMMIT):
@@ -407,10 +429,14 @@ class BtardPeer:
     # ------------------------------------------------------------------ receiving
     def _handle(self, s: Signed, now: float) -> None:
         m = s.msg
+        self._seen.add(s.msg_digest)
         if m.kind == Kind.DIGEST:
             self._on_digest(s)
             return
         if m.kind == Kind.PULL:
+            if m.public and m.want_kind == Kind.GRAD_PART and m.sender == self.aggregators.get(m.index):
+                self.public.setdefault(s.msg_digest, s)
+                self._audit("msg", s)
             self._on_pull(m)
             return
         if m.kind == Kind.ACCUSE:
@@ -456,59 +482,67 @@ class BtardPeer:
 
     def _on_digest(self, s: Signed) -> None:
         m: Digest = s.msg
-        b = self._barrier
-        if b is not None and Kind(m.of_kind) in b.kinds:
-            b.digests_from.add((m.sender, m.of_kind))
+        try:
+            kind = Kind(m.of_kind)
+        except ValueError:
+            return
+        # Kept for the whole step: a faster peer's digest of a later phase may arrive before we get there.
+        self._digests_from.add((m.sender, int(kind)))
         listed = set()
         for origin, idx, h in m.entries:
-            key = self._slot_key(m.of_kind, origin, idx)
-            listed.add(key)
-            have = self._lookup(m.of_kind, key, h)
-            if have is None and (key, h, m.sender) not in self._pulled:
-                self._pulled.add((key, h, m.sender))
+            if kind == Kind.ACCUSE:
+                listed.add(h)
+                have = h in self.accusations or h in self.public
+                origin = h  # public items are pulled by digest
+            else:
+                key = (kind, origin, idx)
+                listed.add(key)
+                mine = self.slots.get(key)
+                have = mine is not None and mine.msg_digest == h
+            if not have and (kind, origin, idx, h, m.sender) not in self._pulled:
+                self._pulled.add((kind, origin, idx, h, m.sender))
+                self._awaiting[h] = (int(kind), origin, idx)
                 self._send_to(m.sender, Pull(self.cfg.run_id, self.step, self.id, m.of_kind, origin, idx))
+            part_key = (Kind.AGG_PART, origin, idx, m.sender)
+            if kind == Kind.AGG_COMMIT and part_key[:3] not in self.slots and part_key not in self._pulled:
+                self._pulled.add(part_key)
+                pull = Pull(self.cfg.run_id, self.step, self.id, int(Kind.AGG_PART), origin, idx)
+                self._send_to(m.sender, pull)
         # Public re-send: whatever of mine the digest's sender lacks, it gets again.
-        for key, mine in list(self._own_of_kind(m.of_kind)):
-            if key not in listed and m.sender in self.members:
-                self._outbox.append(Send((m.sender,), mine.raw))
+        if m.sender in self.members:
+            if kind == Kind.ACCUSE:
+                mine = {d: x for d, x in self._public_items().items() if x.msg.sender == self.id}
+            else:
+                mine = self._own.get(kind, {})
+            for key, own in mine.items():
+                if key not in listed:
+                    self._outbox.append(Send((m.sender,), own.raw))
+
+    def _public_items(self) -> dict[bytes, Signed]:
+        return {**self.accusations, **self.public}
 
     @staticmethod
     def _slot_key(kind: int, origin: bytes, idx: int) -> tuple:
         return (Kind(kind), origin, idx)
 
-    def _lookup(self, kind: int, key: tuple, h: bytes) -> Signed | None:
-        if kind == Kind.ACCUSE:
-            return self.accusations.get(h)
-        s = self.slots.get(key)
-        return s if s is not None and s.msg_digest == h else None
-
-    def _own_of_kind(self, kind: int):
-        if kind == Kind.ACCUSE:
-            for d, s in self.accusations.items():
-                if s.msg.sender == self.id:
-                    yield (Kind.ACCUSE, self.id, d), s
-            return
-        for key, s in self.slots.items():
-            if key[0] == kind and key[1] == self.id:
-                yield key, s
-
     def _on_pull(self, m: Pull) -> None:
         if not self.behaviour.answers_pulls(self):
             return
-        if m.want_kind == Kind.ACCUSE:
-            found = [s for s in self.accusations.values() if s.msg.sender == m.origin]
+        if m.want_kind == Kind.ACCUSE:  # by digest: accusations and public re-send records
+            item = self.accusations.get(m.origin) or self.public.get(m.origin)
+            found = [item] if item is not None else []
         else:
             s = self.slots.get(self._slot_key(m.want_kind, m.origin, m.index))
             found = [s] if s is not None else []
         if m.public:
             # The public re-send request for a missing gradient part: its owner re-sends it to everyone.
-            self._scatter_public[m.index].add(m.origin)
-            if m.origin == self.id and self.gradient is not None:
+            if m.origin == self.id and self.gradient is not None and 0 <= m.index < len(self.bounds):
                 a, b = self.bounds[m.index]
                 key = (Kind.GRAD_PART, self.id, m.index)
                 s = self.slots.get(key) or self._sign(
                     GradPart.of(self.cfg.run_id, self.step, self.id, m.index, self.gradient[a:b])
                 )
+                self.public[s.msg_digest] = s
                 self._outbox.append(Send(self._others(), s.raw))
             return
         for s in found:
@@ -521,10 +555,11 @@ class BtardPeer:
 
     def _on_grad_part(self, s: Signed, now: float) -> None:
         m: GradPart = s.msg
-        if self.aggregators.get(m.part) == self.id and self.phase == Phase.SCATTER:
-            self._verify_part(s)
-            if m.sender in self._scatter_public[m.part]:
-                self._outbox.append(Send(self._others(), s.raw))  # make the late part public
+        if self.aggregators.get(m.part) == self.id:
+            if self.phase == Phase.SCATTER:
+                self._verify_part(s)
+        else:
+            self.public[s.msg_digest] = s  # a public re-send (only the aggregator gets parts otherwise)
 
     def _verify_part(self, s: Signed) -> bool:
         """Aggregator-side checks of a received part; accuses with evidence and excludes it when bad."""
@@ -532,18 +567,15 @@ class BtardPeer:
         j = m.part
         commit = self.slots.get((Kind.GRAD_COMMIT, m.sender, 0))
         if len(m.data) // 4 != self._expected_part_len(j):
-            self._excluded_parts[j].add(m.sender)
             self._accuse(m.sender, Reason.BAD_SHAPE, j, (s,), self.step)
             return False
         if not np.isfinite(np.frombuffer(m.data, dtype="<f4")).all():
-            self._excluded_parts[j].add(m.sender)
             self._accuse(m.sender, Reason.NONFINITE, j, (s,), self.step)
             return False
         if commit is None:
             return False
         h = bytes_digest("grad-part", self.cfg.run_id, self.step, m.sender, j, m.data)
         if len(commit.msg.part_hashes) != len(self.bounds) or commit.msg.part_hashes[j] != h:
-            self._excluded_parts[j].add(m.sender)
             self._accuse(m.sender, Reason.COMMIT_MISMATCH, j, (commit, s), self.step)
             return False
         return True
@@ -599,8 +631,11 @@ class BtardPeer:
         return set()
 
     def _live(self) -> tuple[bytes, ...]:
-        silent_contrib = set(self.contributors) - set(self.committed)
-        return tuple(p for p in self.members if p not in silent_contrib)
+        """Members minus contributors that never committed (fixed once the commit barrier closed)."""
+        if self._live_cache is None or self.phase <= Phase.COMMIT:
+            silent_contrib = set(self.contributors) - set(self.committed)
+            self._live_cache = tuple(p for p in self.members if p not in silent_contrib)
+        return self._live_cache
 
     def _step_phase(self, now: float) -> None:
         ph = self.phase
@@ -613,9 +648,11 @@ class BtardPeer:
         have_all = self._expect.issubset(self.slots.keys())
         if not b.digest_sent and (have_all or now >= b.deadline1):
             b.digest_sent = True
-            for k in b.kinds:
+            for k in b.digest_kinds:
                 if k == Kind.ACCUSE:
-                    entries = tuple((s.msg.sender, 0, d) for d, s in self.accusations.items())
+                    entries = tuple(
+                        (s.msg.sender, int(s.msg.kind), d) for d, s in self._public_items().items()
+                    )
                 else:
                     entries = tuple(
                         (key[1], key[2], s.msg_digest) for key, s in self.slots.items() if key[0] == k
@@ -623,10 +660,18 @@ class BtardPeer:
                 self._broadcast(Digest(self.cfg.run_id, self.step, self.id, int(k), entries))
         if not b.digest_sent:
             return
-        want = {(p, int(k)) for p in self._others() for k in b.kinds}
-        if ph == Phase.ACCUSE:
-            want = {(p, k) for (p, k) in want if p in self._live()}
-        if (have_all and want.issubset(b.digests_from)) or now >= b.deadline2:
+        if b.want is None:
+            b.want = {(p, int(k)) for p in self._others() for k in b.digest_kinds}
+            if ph == Phase.ACCUSE:
+                live = set(self._live())
+                b.want = {(p, k) for (p, k) in b.want if p in live}
+        for h in [h for h in self._awaiting if h in self._seen]:
+            del self._awaiting[h]
+        if self._awaiting and not b.repulled and now >= b.retry_at:
+            b.repulled = True  # the first pull (or its answer) may have been lost: ask everyone once more
+            for kind, origin, idx in set(self._awaiting.values()):
+                self._broadcast(Pull(self.cfg.run_id, self.step, self.id, kind, origin, idx))
+        if (have_all and not self._awaiting and b.want.issubset(self._digests_from)) or now >= b.deadline2:
             self._close(ph, now)
 
     def _close(self, ph: Phase, now: float) -> None:
@@ -702,9 +747,7 @@ class BtardPeer:
         for j in self._my_parts():
             if j in self._my_parts_done:
                 continue
-            lacking = [
-                p for p in self._part_senders(j, final=False) if (Kind.GRAD_PART, p, j) not in self.slots
-            ]
+            lacking = [p for p in self._expected_senders(j) if (Kind.GRAD_PART, p, j) not in self.slots]
             if not lacking or (public_round and now >= self._scatter_deadlines[-1]):
                 self._aggregate(j)
             else:
@@ -717,23 +760,38 @@ class BtardPeer:
             self._scatter_deadlines.append(self._t0 + PHASE_START[Phase.AGGREGATE] * self.cfg.phase_timeout)
             for j, lacking in missing.items():
                 for p in lacking:
-                    self._scatter_public[j].add(p)
-                    self._broadcast(
+                    pull = self._broadcast(
                         Pull(self.cfg.run_id, self.step, self.id, int(Kind.GRAD_PART), p, j, True)
                     )
+                    self.public[pull.msg_digest] = pull
 
-    def _part_senders(self, j: int, *, final: bool = True) -> list[bytes]:
-        """E_j: committed senders, minus those proven bad for part j, and (when `final`) minus those that were
-        asked publicly for part j and never re-sent it."""
-        out = []
-        bad = self._excluded_parts[j] | self._proven_bad_part(j)
-        for p in self.committed:
-            if p in bad:
-                continue
-            if final and p in self._scatter_public[j] and (Kind.GRAD_PART, p, j) not in self.slots:
-                continue
-            out.append(p)
-        return out
+    def _expected_senders(self, j: int) -> list[bytes]:
+        """Whose part j the aggregator must include: committed senders not proven bad for part j."""
+        bad = self._proven_bad_part(j)
+        return [p for p in self.committed if p not in bad]
+
+    def _declared(self, j: int) -> tuple[bytes, ...]:
+        """The senders part j's aggregator declared it aggregated (from its AGG_COMMIT)."""
+        c = self.slots.get((Kind.AGG_COMMIT, self.aggregators.get(j, b""), j))
+        return c.msg.included if c is not None else ()
+
+    def _publicly_pulled(self, j: int) -> set[bytes]:
+        """Senders part j's aggregator asked publicly to re-send part j."""
+        agg = self.aggregators.get(j)
+        return {
+            s.msg.origin
+            for s in self.public.values()
+            if s.msg.kind == Kind.PULL and s.msg.sender == agg and s.msg.index == j and s.msg.public
+        }
+
+    def _resent(self, p: bytes, j: int) -> bool:
+        return (
+            any(
+                s.msg.kind == Kind.GRAD_PART and s.msg.sender == p and s.msg.part == j
+                for s in self.public.values()
+            )
+            or (Kind.GRAD_PART, p, j) in self.slots
+        )
 
     def _proven_bad_part(self, j: int) -> set[bytes]:
         """Senders that part j's aggregator accused (with valid evidence) about part j of this step."""
@@ -755,7 +813,7 @@ class BtardPeer:
         self._my_parts_done.add(j)
         senders = [
             p
-            for p in self._part_senders(j)
+            for p in self._expected_senders(j)
             if (Kind.GRAD_PART, p, j) in self.slots and self._verify_part(self.slots[(Kind.GRAD_PART, p, j)])
         ]
         length = self._expected_part_len(j)
@@ -771,7 +829,7 @@ class BtardPeer:
             agg = torch.zeros(length)
         committed_value = self.behaviour.agg_commit_value(self, j, agg)
         h = tensor_digest("agg-part", self.cfg.run_id, self.step, self.id, j, committed_value)
-        self._broadcast(AggCommit(self.cfg.run_id, self.step, self.id, j, h))
+        self._broadcast(AggCommit(self.cfg.run_id, self.step, self.id, j, h, tuple(senders)))
         for dest in self.members:
             value = self.behaviour.aggregate(self, j, dest, committed_value)
             msg = AggPart.of(self.cfg.run_id, self.step, self.id, j, value)
@@ -833,7 +891,7 @@ class BtardPeer:
             agg = self._aggregate_part(j)
             if agg is None:
                 continue
-            for p in self._part_senders(j):
+            for p in self._declared(j):
                 part = self.slots.get((Kind.GRAD_PART, p, j))
                 proj = self.slots.get((Kind.PROJ, p, 0))
                 if part is None or proj is None or p == self.id:
@@ -1015,7 +1073,19 @@ class BtardPeer:
                 missing.append(j)
                 continue
             published[j] = agg
-            senders = self._part_senders(j)
+            senders = list(self._declared(j))
+            allowed = set(self._expected_senders(j))
+            required = allowed - self._publicly_pulled(j)
+            if not set(senders) <= allowed or not required <= set(senders):
+                failed.append(j)
+                odd = sorted(short_id(p) for p in (set(senders) - allowed) | (required - set(senders)))
+                ban(
+                    aggregator,
+                    f"aggregate of part {j} declares the wrong inputs ({', '.join(odd)})",
+                    None,
+                    (),
+                )
+                continue
             projs = [self.slots.get((Kind.PROJ, p, 0)) for p in senders]
             if any(pr is None or pr.msg.norms.shape[0] != len(self.bounds) for pr in projs) or not senders:
                 agg_full[a:b] = agg  # a silent reporter leaves the part unchecked this step (it is excluded)
@@ -1058,8 +1128,9 @@ class BtardPeer:
         excluded |= {p for p in live if (Kind.MPRNG_COMMIT, p, 0) not in self.slots}
         excluded |= {p for p in live if (Kind.MPRNG_REVEAL, p, 0) not in self.slots}
         excluded |= {p for p in self.committed if (Kind.PROJ, p, 0) not in self.slots}
-        for j, ps in self._scatter_public.items():
-            excluded |= {p for p in ps if (Kind.GRAD_PART, p, j) not in self.slots and j not in missing_set}
+        for j in range(len(self.bounds)):
+            if j not in missing_set:  # asked publicly, never re-sent: silent
+                excluded |= {p for p in self._publicly_pulled(j) if not self._resent(p, j)}
         excluded -= set(verdicts)
         excluded.discard(self.id) if self.id not in excluded else None
         next_members = tuple(p for p in self.members if p not in verdicts and p not in excluded)

@@ -180,12 +180,12 @@ class Simulator:
 
             ctx = AttackContext(
                 step=step,
-                peer_index=idx,
+                peer_index=byz.index(p),
                 peer_id=p,
-                byzantine_ids=tuple(self.byzantine),
+                byzantine_ids=tuple(byz),
                 own_gradient=rows[p],
                 n=len(contributors),
-                b=len(self.byzantine),
+                b=len(byz),
                 seed=self.cfg.seed,
                 honest_gradients=honest,
                 compute_gradient=recompute,

@@ -1,0 +1,421 @@
+"""A local swarm: `btard peer` subprocesses on loopback, their progress, and a summary a newcomer can read.
+
+`LocalSwarm` starts peer 0 (the genesis coordinator), reads its address, starts the others with it as their
+initial peer, and collects every peer's JSON events. Peer i writes to ``<run_dir>/peer-<i>/`` (identity,
+metrics, audit log, checkpoints, stderr). `summarize` turns the events and files into a report: who was banned,
+when and why, whether the honest peers ended bit-identical, the accuracy, step times, audit verification.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+START_TIMEOUT_S = 90.0  # importing torch and hivemind and starting p2pd, on a loaded 2-core machine
+
+
+@dataclass
+class PeerRole:
+    """What a peer of a local swarm does besides the honest protocol."""
+
+    attack: str | None = None
+    attack_params: dict = field(default_factory=dict)
+    attack_start: int = 0
+    label: str = ""
+    crash_at: str | None = None  # "STEP:PHASE": kill -9 itself there (fault injection)
+
+    @property
+    def honest(self) -> bool:
+        return self.attack is None and self.crash_at is None
+
+    def describe(self) -> str:
+        if self.label:
+            return self.label
+        if self.attack:
+            return f"attack {self.attack}"
+        return f"crashes at {self.crash_at}" if self.crash_at else "honest"
+
+
+@dataclass
+class SwarmConfig:
+    """A local swarm. Peer 0 coordinates the genesis and should be honest; ``roles`` maps peer index to role."""
+
+    peers: int = 8
+    roles: dict[int, PeerRole] = field(default_factory=dict)
+    task: str = "mnist"
+    task_overrides: dict = field(default_factory=dict)
+    steps: int = 60
+    phase_timeout: float = 2.0
+    validators: int = 1
+    run_dir: str = "runs/swarm"
+    run_name: str = "btard-local"
+    checkpoint_every: int = 0
+    resume: bool = False  # every peer resumes from the newest checkpoint in its own directory
+    eval_every: int = 0  # peer 0 evaluates every K steps on `eval_examples` test examples
+    eval_final: bool = True  # peer 0 evaluates the final parameters on the whole test set
+    timeout: float = 600.0  # the whole run, after which every peer is killed
+    extra_args: list[str] = field(default_factory=list)  # passed to every `btard peer`
+
+    def role(self, i: int) -> PeerRole:
+        return self.roles.get(i, PeerRole())
+
+
+@dataclass
+class PeerRun:
+    """One peer's process and what it reported."""
+
+    index: int
+    role: PeerRole
+    directory: Path
+    process: subprocess.Popen
+    info: dict = field(default_factory=dict)  # its "listening" event
+    steps: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    done: dict | None = None
+    crashed_at: dict | None = None
+    returncode: int | None = None
+
+    @property
+    def protocol_id(self) -> str:
+        return self.info.get("protocol_id", "")
+
+    @property
+    def short(self) -> str:
+        return self.protocol_id[:8]
+
+
+class LocalSwarm:
+    """Use as a context manager (every child is killed on exit): ``with LocalSwarm(cfg) as s: s.wait()``."""
+
+    def __init__(self, config: SwarmConfig, on_event: Callable[[PeerRun, dict], None] | None = None) -> None:
+        self.cfg = config
+        self.root = Path(config.run_dir)
+        self.on_event = on_event or (lambda run, ev: None)
+        self.peers: list[PeerRun] = []
+        self._events: queue.Queue[tuple[int, dict | None]] = queue.Queue()
+        self.started_at = 0.0
+
+    def __enter__(self) -> LocalSwarm:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+    # ------------------------------------------------------------------ processes
+    def _command(self, i: int, initial: str | None) -> list[str]:
+        cfg, role = self.cfg, self.cfg.role(i)
+        d = self.root / f"peer-{i:02d}"
+        cmd = [
+            sys.executable, "-m", "btard.cli", "peer", "--json",
+            "--task", cfg.task,
+            "--run-name", cfg.run_name,
+            "--run-dir", str(d),
+            "--steps", str(cfg.steps),
+            "--min-peers", str(cfg.peers),
+            "--phase-timeout", str(cfg.phase_timeout),
+            "--validators", str(cfg.validators),
+            "--checkpoint-every", str(cfg.checkpoint_every),
+        ]  # fmt: skip
+        for k, v in cfg.task_overrides.items():
+            cmd += ["--task-param", f"{k}={json.dumps(v)}"]
+        if initial:
+            cmd += ["--initial-peers", initial]
+        if cfg.resume:
+            cmd += ["--resume", str(d)]
+        if i == 0:
+            if cfg.eval_every:
+                cmd += ["--eval-every", str(cfg.eval_every)]
+            if cfg.eval_final:
+                cmd += ["--eval-final"]
+        if role.attack:
+            cmd += ["--attack", role.attack, "--attack-start", str(role.attack_start)]
+            for k, v in role.attack_params.items():
+                cmd += ["--attack-param", f"{k}={json.dumps(v)}"]
+        if role.crash_at:
+            cmd += ["--crash-at", role.crash_at]
+        return cmd + list(cfg.extra_args)
+
+    def _spawn(self, i: int, initial: str | None) -> PeerRun:
+        d = self.root / f"peer-{i:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "GOLOG_LOG_LEVEL": "error", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        with open(d / "stderr.log", "ab") as err:
+            proc = subprocess.Popen(
+                self._command(i, initial), stdout=subprocess.PIPE, stderr=err, env=env, text=True, bufsize=1
+            )
+        run = PeerRun(i, self.cfg.role(i), d, proc)
+        threading.Thread(target=self._pump, args=(i, proc), daemon=True).start()
+        return run
+
+    def _pump(self, i: int, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            with contextlib.suppress(ValueError):
+                ev = json.loads(line)
+                if isinstance(ev, dict) and "event" in ev:
+                    self._events.put((i, ev))
+        self._events.put((i, None))
+
+    def start(self) -> None:
+        """Start peer 0, wait for its address, then start the others."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.started_at = time.monotonic()
+        self.peers = [self._spawn(0, None)]
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.peers[0].info:
+            if not self._next(max(0.1, deadline - time.monotonic())) and time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"peer 0 did not start within {START_TIMEOUT_S} s (see its stderr.log)")
+            if self.peers[0].returncode is not None and not self.peers[0].info:
+                raise RuntimeError(f"peer 0 exited with {self.peers[0].returncode} (see {self.peers[0].directory})")
+        address = self.peers[0].info["maddrs"][0]
+        self.peers += [self._spawn(i, address) for i in range(1, self.cfg.peers)]
+
+    def _next(self, timeout: float) -> bool:
+        """Handle one event (False if none came within ``timeout``)."""
+        try:
+            i, ev = self._events.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        run = self.peers[i]
+        if ev is None:
+            run.returncode = run.process.wait()
+            self._clean_up_after(run)
+            self.on_event(run, {"event": "exit", "returncode": run.returncode})
+            return True
+        kind = ev["event"]
+        if kind == "listening":
+            run.info = ev
+        elif kind == "step":
+            run.steps.append(ev)
+        elif kind == "eval":
+            run.evals.append(ev)
+        elif kind == "done":
+            run.done = ev
+        elif kind == "crash":
+            run.crashed_at = ev
+        self.on_event(run, ev)
+        return True
+
+    def _clean_up_after(self, run: PeerRun) -> None:
+        """A killed peer leaves hivemind's unix socket file behind (its p2pd dies with it): remove it."""
+        sock = run.info.get("client_socket")
+        if run.returncode not in (0, None) and sock and run.done is None:
+            with contextlib.suppress(OSError):
+                os.remove(sock)
+
+    def wait(self) -> list[PeerRun]:
+        """Handle events until every peer exited (or the timeout, then kill them all and raise)."""
+        deadline = self.started_at + self.cfg.timeout
+        while any(r.returncode is None for r in self.peers):
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(f"the swarm did not finish within {self.cfg.timeout} s")
+            self._next(1.0)
+        return self.peers
+
+    def kill(self) -> None:
+        for run in self.peers:
+            if run.process.poll() is None:
+                run.process.kill()
+                run.process.wait()
+            if run.returncode is None:
+                run.returncode = run.process.returncode
+                self._clean_up_after(run)
+
+
+# ---------------------------------------------------------------------------------------------- the report
+def summarize(cfg: SwarmConfig, peers: list[PeerRun], wall_seconds: float) -> dict:
+    """What happened, from the peers' events and files (see the module docstring)."""
+    from btard.protocol.audit import verify_log
+
+    honest = [r for r in peers if r.role.honest]
+    witness = next((r for r in honest if r.steps), None)  # the honest peer whose view we report
+    bans: dict[str, dict] = {}
+    excluded: dict[str, int] = {}
+    for r in honest:
+        for st in r.steps:
+            for b in st["bans"]:
+                bans.setdefault(b["peer_id"], {**b, "step": st["step"]})
+            for p in st["excluded"]:
+                excluded.setdefault(p, st["step"])
+    by_id = {r.protocol_id: r for r in peers}
+    finished = [r for r in honest if r.done and r.done["status"] == "finished"]
+    hashes = {r.done["params_hash"] for r in finished if r.done}
+    audits = {}
+    for r in peers:
+        log = r.directory / "audit.jsonl"
+        if log.exists():
+            rep = verify_log([ln for ln in log.read_text().splitlines() if ln.strip()])
+            audits[r.index] = {"ok": rep.ok, "steps": rep.steps, "messages": rep.messages, "problems": rep.problems[:5]}
+    steps = witness.steps if witness else []
+    times = [s["step_seconds"] for s in steps]
+    slowest_phase = max((max(s["phases"].values(), default=0.0) for s in steps), default=0.0)
+    coordinator = peers[0] if peers else None
+    evals = [(e["step"], e["accuracy"]) for e in coordinator.evals] if coordinator else []
+    return {
+        "task": cfg.task,
+        "peers": cfg.peers,
+        "steps": cfg.steps,
+        "phase_timeout": cfg.phase_timeout,
+        "wall_seconds": round(wall_seconds, 1),
+        "peer_reports": [
+            {
+                "index": r.index,
+                "id": r.short,
+                "role": r.role.describe(),
+                "honest": r.role.honest,
+                "status": (r.done or {}).get("status") or ("killed" if r.crashed_at else f"exit {r.returncode}"),
+                "banned": bans.get(r.protocol_id),
+                "excluded_at": excluded.get(r.short),
+                "steps": len(r.steps),
+            }
+            for r in peers
+        ],
+        "honest_banned": [b for pid, b in bans.items() if pid in by_id and by_id[pid].role.honest],
+        "honest_finished": len(finished),
+        "honest_identical": len(finished) == len(honest) and len(hashes) == 1,
+        "params_hash": next(iter(hashes)) if len(hashes) == 1 else None,
+        "final_accuracy": (coordinator.done or {}).get("accuracy") if coordinator else None,
+        "evals": evals,
+        "step_seconds_median": round(statistics.median(times), 3) if times else None,
+        "step_seconds_max": round(max(times), 3) if times else None,
+        "slowest_phase_seconds": round(slowest_phase, 3),
+        "audit": audits,
+    }
+
+
+def plot(cfg: SwarmConfig, peers: list[PeerRun], report: dict, path: Path) -> None:
+    """Training loss per step (peer 0's batch), test accuracy, and every ban."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    witness = next((r for r in peers if r.role.honest and r.steps), None)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if witness is not None:
+        xs = [s["step"] + 1 for s in witness.steps]
+        ax.plot(xs, [s["loss"] for s in witness.steps], lw=1, color="tab:blue", label="training loss (one batch)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if report["evals"]:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*report["evals"]), "o-", color="tab:green", ms=4, label="test accuracy")
+        ax2.set_ylim(0, 1)
+        ax2.set_ylabel("test accuracy")
+        ax2.legend(loc="center right", fontsize=8)
+    for p in report["peer_reports"]:
+        if p["banned"]:
+            s = p["banned"]["step"] + 1
+            ax.axvline(s, color="red", ls="--", lw=1)
+            ax.text(s, ax.get_ylim()[1], f" {p['role']}", rotation=90, va="top", fontsize=7, color="red")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(f"BTARD swarm on loopback: {cfg.peers} peers, task {cfg.task}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_report(report: dict, root: Path) -> str:
+    lines = [f"\nSummary ({report['wall_seconds']} s, {report['steps']} steps, {report['peers']} peers):"]
+    for p in report["peer_reports"]:
+        if p["banned"]:
+            b = p["banned"]
+            by = f", accused by {b['accuser']}" if b["accuser"] else ""
+            fate = f"BANNED at step {b['step'] + 1}: {b['reason']}{by}"
+        elif p["excluded_at"] is not None:
+            fate = f"excluded at step {p['excluded_at'] + 1} (went silent)"
+        else:
+            fate = p["status"]
+        lines.append(f"  peer {p['index']} ({p['id']}) {p['role']:<32} {fate}")
+    honest_banned = report["honest_banned"]
+    lines.append(f"  honest peers banned: {len(honest_banned) or 'none'}")
+    if report["honest_identical"]:
+        lines.append(f"  honest peers finished with bit-identical parameters (H(x) {report['params_hash'][:16]})")
+    else:
+        lines.append(f"  WARNING: honest peers do not agree ({report['honest_finished']} finished)")
+    if report["final_accuracy"] is not None:
+        lines.append(f"  test accuracy of the final model: {report['final_accuracy']:.4f} (whole test set)")
+    if report["step_seconds_median"] is not None:
+        lines.append(
+            f"  step time: median {report['step_seconds_median']} s, max {report['step_seconds_max']} s; "
+            f"slowest phase {report['slowest_phase_seconds']} s (phase timeout {report['phase_timeout']} s)"
+        )
+    bad = {i: a for i, a in report["audit"].items() if not a["ok"]}
+    lines.append(
+        f"  audit logs: {len(report['audit']) - len(bad)} of {len(report['audit'])} verify "
+        f"(signatures, hash chain, r^t, self-contained ban evidence)"
+        + "".join(f"\n    peer {i}: {a['problems']}" for i, a in bad.items())
+    )
+    lines.append(f"  files: {root}/progress.png, {root}/summary.json, {root}/peer-*/metrics.jsonl, "
+                 f"{root}/peer-*/audit.jsonl (check one: btard audit {root}/peer-00/audit.jsonl)")
+    return "\n".join(lines)
+
+
+def run_and_report(cfg: SwarmConfig, *, title: str, out: Callable[[str], None] = print) -> int:
+    """Run a local swarm with live progress (one line per step), then print and save the summary."""
+    from btard.swarm.cli import format_step
+
+    out(f"{title}\nstarting {cfg.peers} peer processes (run directory {cfg.run_dir}) ...")
+
+    def on_event(run: PeerRun, ev: dict) -> None:
+        kind = ev["event"]
+        if kind == "genesis" and run.index == 0:
+            out(f"all {len(ev['members'])} peers present: training starts (phase timeout {ev['phase_timeout']} s)")
+        elif kind == "step" and run is _witness():
+            out(format_step(ev, cfg.steps))
+        elif kind == "eval" and run.index == 0:
+            out(f"     test accuracy at step {ev['step']}: {ev['accuracy']:.4f} ({ev['examples']} examples)")
+        elif kind == "done" and not run.role.honest:
+            out(f"     peer {run.index} ({run.role.describe()}) stopped: {ev['status']} {ev['reason']}")
+
+    def _witness() -> PeerRun | None:
+        return next((r for r in swarm.peers if r.role.honest and r.returncode is None), None)
+
+    swarm = LocalSwarm(cfg, on_event)
+    start = time.monotonic()
+    with swarm:
+        peers = swarm.wait()
+    report = summarize(cfg, peers, time.monotonic() - start)
+    root = Path(cfg.run_dir)
+    (root / "summary.json").write_text(json.dumps(report, indent=2))
+    plot(cfg, peers, report, root / "progress.png")
+    out(format_report(report, root))
+    ok = report["honest_identical"] and not report["honest_banned"]
+    return 0 if ok else 1
+
+
+def demo_config(run_dir: str = "runs/demo", steps: int | None = None, phase_timeout: float | None = None) -> SwarmConfig:
+    """`btard demo`: 8 peers train real MNIST; peer 5 flips its gradient ×1000 (caught by validators), peer 6
+    publishes a wrong aggregate (caught by the projection check), peer 7 falsely accuses an honest peer."""
+    roles = {
+        5: PeerRole("sign-flip", {"k": 1000.0}, 0, label="gradient attack: sign flip x1000"),
+        6: PeerRole("wrong-aggregate", {"scale": 1.0}, 3, label="protocol attack: wrong aggregate"),
+        7: PeerRole("false-accusation", {}, 6, label="false accuser"),
+    }
+    return SwarmConfig(
+        peers=8,
+        roles=roles,
+        task="mnist",
+        steps=steps or 150,
+        phase_timeout=phase_timeout or 2.0,
+        validators=2,
+        run_dir=run_dir,
+        run_name="btard-demo",
+        eval_every=50,
+        eval_final=True,
+        timeout=280.0,
+    )

@@ -1,0 +1,596 @@
+"""One swarm peer process: bootstrap, then BTARD-SGD steps over libp2p until the last step.
+
+The peer owns one `P2PTransport`, one `BtardPeer` (driven by `ProtocolDriver`) and the training state
+(x^t, optimizer). Per step t it computes its gradient at x^t on the public seed ξ = H(r^{t−1}, t, id) in a
+worker thread (validators skip this), runs the protocol step, applies ĝ with the task's optimizer, and
+writes one metrics line. Its run directory holds ``metrics.jsonl``, ``audit.jsonl`` and ``checkpoints/``.
+
+Bootstrap (the genesis) [decision]: the peer started without ``initial_peers`` is the run's *coordinator*,
+for the genesis only. It waits until ``min_peers`` peers announced themselves in the DHT under the run name
+(``announce``/``list_peers``), then signs a `Genesis` (members = the sorted protocol ids of all peers listed
+at that moment, step, r, H(x), phase timeout, validators) and sends it to every member; after that it is an
+ordinary member. A follower accepts the genesis only from the libp2p peer of its first ``initial_peers``
+address (the transport authenticates that id), checks it (task, H(x), its checkpoint when resuming, the
+allow-list) and starts the step at once; it also asks the coordinator for it (HELLO) every second until
+then, so a lost genesis is resent and a peer that arrives after the start learns that it is not a member.
+Because every honest peer builds its member list from this one signed message, they all agree on it.
+
+Trust: the coordinator only chooses who starts (everything after follows from the protocol); an allow-list
+(``allow_list``) restricts that choice, and every peer ignores records, control messages and genesis members
+not on it. Late joining (downloading x^t and entering via probation) needs protocol support for admitting
+members and is not implemented: a peer that is not in the genesis stops with status ``not-a-member``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from btard.attacks.base import AttackContext, AttackKind, AttackSchedule, GradientAttack, apply_attack
+from btard.attacks.registry import get_attack
+from btard.crypto import Identity, digest, short_id
+from btard.protocol.audit import AuditLog
+from btard.protocol.messages import Kind, Signed
+from btard.protocol.peer import GENESIS, Behaviour, BtardPeer, StepResult
+from btard.protocol.state import Phase
+from btard.swarm.checkpoint import Checkpoint, load_checkpoint, params_digest, save_checkpoint
+from btard.swarm.control import (
+    ControlError,
+    Genesis,
+    Hello,
+    decode_control,
+    encode_genesis,
+    encode_hello,
+    finite_timeout,
+    is_control,
+)
+from btard.swarm.driver import ProtocolDriver, StepTiming
+from btard.training import Task, get_task
+from btard.transport.base import Incoming
+
+HELLO_INTERVAL_S = 1.0  # how often a follower asks the coordinator for the genesis until it has it
+LIST_INTERVAL_S = 0.25  # how often the coordinator polls the DHT for announced peers
+
+
+@dataclass
+class PeerRunConfig:
+    """Settings of one swarm peer. Protocol settings (``phase_timeout``, ``validators``) are the coordinator's:
+    followers adopt the values of the signed genesis, so every peer of a run uses the same `ProtocolConfig`.
+    """
+
+    task: str = "mnist"
+    task_overrides: dict = field(default_factory=dict)
+    run_name: str = "btard"  # the DHT key of the run (letters, digits, ".", "_", "-")
+    initial_peers: list[str] = field(default_factory=list)  # [] = start a new swarm (be its coordinator)
+    identity: str | None = None  # Ed25519 key file (created if missing); None = <run_dir>/identity.key
+    run_dir: str = "runs/peer"
+    min_peers: int = 4  # coordinator: start when this many peers (itself included) announced
+    steps: int = 100  # train until step `steps` (absolute: a resumed run continues up to it)
+    phase_timeout: float = 2.0  # T: each phase's deadlines are multiples of it (a step's worst case is 14·T)
+    validators: int = 1
+    attack: str | None = None  # a registered attack name or "module:Class" (makes this peer Byzantine)
+    attack_params: dict = field(default_factory=dict)
+    attack_start: int = 0
+    attack_seed: int = 0
+    checkpoint_every: int = 0  # also always at the end of a finished run
+    resume: str | None = None  # a checkpoint directory (or a run directory: its newest checkpoint)
+    allow_list: frozenset[bytes] | None = None  # permissioned swarm: the only protocol ids taken into account
+    eval_every: int = 0  # evaluate x^t every this many steps (in a background thread); 0 = never
+    eval_final: bool = False  # evaluate the final parameters on the whole test set
+    eval_examples: int | None = 1000
+    join_timeout: float = 120.0  # how long to wait for the genesis / for min_peers
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    announce_maddrs: list[str] | None = None
+    audit_parts: bool = (
+        False  # also log gradient/aggregate parts (big: ~2·d floats per step) in the audit log
+    )
+    crash_at: tuple[int, Phase] | None = (
+        None  # fault injection: SIGKILL this process on reaching (step, phase)
+    )
+
+    def __post_init__(self) -> None:
+        finite_timeout(self.phase_timeout)
+        if self.min_peers < 1 or self.steps < 0 or self.validators < 0:
+            raise ValueError("min_peers must be >= 1, steps and validators >= 0")
+        if self.checkpoint_every < 0 or self.eval_every < 0:
+            raise ValueError("checkpoint_every and eval_every must be >= 0")
+
+    @property
+    def is_coordinator(self) -> bool:
+        return not self.initial_peers
+
+    def task_spec(self) -> str:
+        """The task as the genesis names it: name and overrides (peers must build the very same task)."""
+        return json.dumps([self.task, self.task_overrides], sort_keys=True, separators=(",", ":"))
+
+
+@dataclass
+class PeerOutcome:
+    """How a peer's run ended. status: finished, banned, excluded, not-a-member or diverged."""
+
+    status: str
+    step: int
+    params_hash: str
+    reason: str = ""
+    checkpoint: str | None = None
+    accuracy: float | None = None
+
+
+class _AuditFilter:
+    """The peer's audit callback: an `AuditLog` without the bulky gradient/aggregate parts (unless
+    ``parts``). The log still verifies: evidence travels inside the accusations, and r^t needs only the MPRNG
+    messages."""
+
+    def __init__(self, log: AuditLog, parts: bool) -> None:
+        self.log = log
+        self.parts = parts
+
+    def __call__(self, kind: str, obj: object) -> None:
+        if kind == "msg" and not self.parts and isinstance(obj, Signed):
+            if obj.msg.kind in (Kind.GRAD_PART, Kind.AGG_PART):
+                return
+        self.log(kind, obj)
+
+
+class SwarmPeer:
+    """Runs one peer; ``await SwarmPeer(config).run()``. ``on_event(dict)`` receives progress events
+    (listening, genesis, step, eval, done)."""
+
+    def __init__(
+        self,
+        config: PeerRunConfig,
+        *,
+        task: Task | None = None,
+        on_event: Callable[[dict], None] | None = None,
+    ) -> None:
+        self.cfg = config
+        self.task = task or get_task(config.task, **config.task_overrides)
+        self.run_dir = Path(config.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.identity = Identity.load_or_create(config.identity or self.run_dir / "identity.key")
+        self.me = self.identity.peer_id
+        self._on_event = on_event or (lambda ev: None)
+        self._lock = threading.RLock()  # the task's model is not thread-safe: one computation at a time
+        self._history: dict[int, tuple[torch.Tensor, bytes]] = {}  # step -> (x^t, r^{t-1}) for the oracle
+        self._genesis: asyncio.Future[Genesis] | None = None
+        self._genesis_raw: bytes | None = None
+        self._boot_transport_id: bytes | None = None
+        self._evals: set[asyncio.Task] = set()
+        self.gradient_attack: GradientAttack | None = None
+        self.behaviour: Behaviour | None = None
+        self._schedule = AttackSchedule(start=config.attack_start)
+        self._slices = tuple(
+            (o, o + int(torch.Size(s).numel()))
+            for o, s in zip(self.task.layout.offsets, self.task.layout.shapes)
+        )
+        if config.attack:
+            attack = get_attack(config.attack, **config.attack_params)
+            if attack.kind == AttackKind.PROTOCOL:
+                self.behaviour = get_attack(config.attack, start=config.attack_start, **config.attack_params)  # type: ignore[assignment]
+            else:
+                assert isinstance(attack, GradientAttack)
+                if attack.needs_honest_gradients:
+                    raise ValueError(
+                        f"attack {config.attack!r} needs every honest gradient (an omniscient attacker); "
+                        "a real peer only has its own: run it in the simulator"
+                    )
+                self.gradient_attack = attack
+        self.ckpt: Checkpoint | None = load_checkpoint(config.resume) if config.resume else None
+        if self.ckpt is not None:
+            self.params = self.ckpt.params.clone()
+            self.opt = self.task.make_optimizer()
+            self.opt.load_state_dict(self.ckpt.optimizer)
+            if self.params.numel() != self.task.dim:
+                raise ValueError(f"checkpoint has {self.params.numel()} parameters, task {self.task.dim}")
+        else:
+            self.params = self.task.initial_params()
+            self.opt = self.task.make_optimizer()
+        self.peer: BtardPeer | None = None
+        self.driver: ProtocolDriver | None = None
+
+    # ------------------------------------------------------------------ events and files
+    def _emit(self, event: str, **fields: object) -> None:
+        self._on_event({"event": event, "peer": short_id(self.me), **fields})
+
+    # ------------------------------------------------------------------ the run
+    async def run(self) -> PeerOutcome:
+        from btard.transport.p2p import P2PConfig, P2PTransport  # imports hivemind: only when a peer runs
+
+        await asyncio.to_thread(self._warm_up)
+        transport = await P2PTransport.create(
+            P2PConfig(
+                initial_peers=list(self.cfg.initial_peers),
+                host_maddrs=list(self.cfg.host_maddrs),
+                announce_maddrs=self.cfg.announce_maddrs,
+            ),
+            protocol_id=self.me,
+            sign=self.identity.sign,
+        )
+        metrics = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed below
+        audit_log: AuditLog | None = None
+        self.driver = ProtocolDriver(transport, on_other=self._on_control, on_phase=self._on_phase)
+        try:
+            self.driver.start()
+            await transport.announce(self.cfg.run_name)
+            self._emit(
+                "listening",
+                protocol_id=self.me.hex(),
+                maddrs=await transport.get_visible_maddrs(),
+                daemon_pid=transport.daemon_pid,
+                client_socket=_client_socket(transport),
+                coordinator=self.cfg.is_coordinator,
+            )
+            genesis = await (
+                self._coordinate(transport) if self.cfg.is_coordinator else self._follow(transport)
+            )
+            if self.me not in genesis.members:
+                return self._outcome(
+                    "not-a-member", "the run started without this peer (late joining is not implemented)"
+                )
+            audit_log = AuditLog(self.identity, path=self.run_dir / "audit.jsonl")
+            self.peer = BtardPeer(
+                self.identity,
+                genesis.protocol_config(),
+                genesis.members,
+                oracle=self._oracle,
+                behaviour=self.behaviour,
+                start_step=genesis.step,
+                r_prev=genesis.r_prev,
+                validators=dict(genesis.validators),
+                audit=_AuditFilter(audit_log, self.cfg.audit_parts),
+            )
+            self.genesis = genesis
+            self._emit(
+                "genesis",
+                step=genesis.step,
+                members=[m.hex() for m in genesis.members],
+                run_id=genesis.run_id.hex(),
+                phase_timeout=genesis.phase_timeout,
+                coordinator=short_id(genesis.coordinator),
+            )
+            self.driver.attach(self.peer)
+            return await self._train(metrics)
+        finally:
+            for t in self._evals:
+                t.cancel()
+            await asyncio.gather(*self._evals, return_exceptions=True)
+            await self.driver.close()
+            await transport.close()
+            metrics.close()
+            if audit_log is not None:
+                audit_log.close()
+
+    def _warm_up(self) -> None:
+        """Load the data and run the model once before joining, so the first step is not late."""
+        with self._lock:
+            self.task.compute_gradient(self.params, digest("warm-up", self.me))
+
+    # ------------------------------------------------------------------ bootstrap
+    def _allowed(self, pid: bytes) -> bool:
+        return self.cfg.allow_list is None or pid in self.cfg.allow_list
+
+    def _on_control(self, incoming: Incoming) -> None:
+        if not is_control(incoming.payload):
+            return
+        try:
+            msg = decode_control(incoming.payload)
+        except ControlError:
+            return
+        if isinstance(msg, Hello):
+            if (
+                self._genesis_raw is not None
+                and msg.run_name == self.cfg.run_name
+                and self._allowed(msg.protocol_id)
+            ):
+                assert self.driver is not None
+                self.driver.send(msg.protocol_id, self._genesis_raw)
+        elif (
+            isinstance(msg, Genesis)
+            and self._genesis is not None
+            and not self._genesis.done()
+            and incoming.sender == self._boot_transport_id
+        ):
+            self._genesis.set_result(msg)
+
+    async def _coordinate(self, transport) -> Genesis:
+        ckpt, cfg = self.ckpt, self.cfg
+        deadline = time.monotonic() + cfg.join_timeout
+        last = -1
+        while True:
+            present = sorted(
+                r.protocol_id
+                for r in await transport.list_peers(cfg.run_name)
+                if self._allowed(r.protocol_id)
+            )
+            if ckpt is not None:
+                ready = set(ckpt.members) <= set(present)
+            else:
+                ready = len(present) >= cfg.min_peers and self.me in present
+            if ready:
+                break
+            if time.monotonic() > deadline:
+                if ckpt is not None and self.me in present:
+                    break  # resume with whoever came: the absent members are excluded by the first step
+                raise TimeoutError(f"only {len(present)} of {cfg.min_peers} peers after {cfg.join_timeout} s")
+            if len(present) != last:
+                last = len(present)
+                self._emit("waiting", present=len(present), needed=cfg.min_peers)
+            await asyncio.sleep(LIST_INTERVAL_S)
+        if ckpt is not None:
+            g = Genesis(
+                coordinator=self.me,
+                run_name=cfg.run_name,
+                run_id=ckpt.run_id,
+                task=cfg.task_spec(),
+                dim=self.task.dim,
+                step=ckpt.step,
+                r_prev=ckpt.r_prev,
+                params_hash=ckpt.params_hash,
+                members=ckpt.members,
+                validators=tuple(sorted(ckpt.validators.items())),
+                phase_timeout=ckpt.phase_timeout,
+                num_validators=ckpt.num_validators,
+            )
+        else:
+            g = Genesis(
+                coordinator=self.me,
+                run_name=cfg.run_name,
+                run_id=digest("swarm-run", self.me, cfg.run_name, os.urandom(32))[:16],
+                task=cfg.task_spec(),
+                dim=self.task.dim,
+                step=0,
+                r_prev=GENESIS,
+                params_hash=params_digest(self.params),
+                members=tuple(present),
+                validators=(),
+                phase_timeout=float(cfg.phase_timeout),
+                num_validators=cfg.validators,
+            )
+        self._genesis_raw = encode_genesis(g, self.identity)
+        assert self.driver is not None
+        for m in g.members:
+            if m != self.me:
+                self.driver.send(m, self._genesis_raw)
+        return g
+
+    async def _follow(self, transport) -> Genesis:
+        from hivemind.p2p import PeerID
+
+        cfg = self.cfg
+        self._boot_transport_id = PeerID.from_base58(cfg.initial_peers[0].rsplit("/p2p/", 1)[-1]).to_bytes()
+        self._genesis = asyncio.get_running_loop().create_future()
+        deadline = time.monotonic() + cfg.join_timeout
+        coordinator: bytes | None = None
+        while not self._genesis.done():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no genesis from the coordinator within {cfg.join_timeout} s")
+            if coordinator is None:
+                for r in await transport.list_peers(cfg.run_name):
+                    if r.transport_id == self._boot_transport_id:
+                        coordinator = r.protocol_id
+            if coordinator is not None:
+                assert self.driver is not None
+                self.driver.send(coordinator, encode_hello(cfg.run_name, self.me))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._genesis), HELLO_INTERVAL_S)
+        g = self._genesis.result()
+        self._check_genesis(g)
+        return g
+
+    def _check_genesis(self, g: Genesis) -> None:
+        cfg, ckpt = self.cfg, self.ckpt
+        problems = []
+        if g.run_name != cfg.run_name:
+            problems.append(f"run name {g.run_name!r}")
+        if g.task != cfg.task_spec() or g.dim != self.task.dim:
+            problems.append(
+                f"task {g.task} (d={g.dim}), this peer runs {cfg.task_spec()} (d={self.task.dim})"
+            )
+        if cfg.allow_list is not None and not {g.coordinator, *g.members} <= cfg.allow_list:
+            problems.append("members or coordinator outside the allow-list")
+        if self.me in g.members and g.params_hash != params_digest(self.params):
+            problems.append(f"H(x^{g.step}) differs from this peer's parameters")
+        if ckpt is not None and self.me in g.members:
+            mine = (ckpt.run_id, ckpt.step, ckpt.r_prev, ckpt.members, tuple(sorted(ckpt.validators.items())))
+            if mine != (g.run_id, g.step, g.r_prev, g.members, g.validators):
+                problems.append("run state differs from this peer's checkpoint")
+        elif ckpt is None and g.step != 0 and self.me in g.members:
+            problems.append(f"the run resumes at step {g.step}: pass --resume with its checkpoint")
+        if problems:
+            raise ValueError("refusing the genesis: " + "; ".join(problems))
+
+    # ------------------------------------------------------------------ gradients and the oracle
+    def _oracle(self, step: int, pid: bytes) -> torch.Tensor:
+        params, r_prev = self._history[step]
+        with self._lock:
+            return self.task.compute_gradient(params, self.task.batch_seed(r_prev, step, pid))
+
+    def _work(
+        self, params: torch.Tensor, r_prev: bytes, step: int, contributor: bool, n: int
+    ) -> tuple[float, torch.Tensor | None]:
+        """(loss on this peer's batch, the vector it sends: its gradient, or an attack's; None as validator)."""
+        task = self.task
+        seed = task.batch_seed(r_prev, step, self.me)
+        with self._lock, torch.no_grad():
+            x, y = task.sample_batch(seed)
+            model = task.model_with_params(params)
+            loss = float(task.loss_fn(model(x.to(params.dtype) if x.is_floating_point() else x), y))
+        if not contributor:
+            return loss, None
+        with self._lock:
+            g = task.compute_gradient(params, seed)
+            attack = self.gradient_attack
+            if attack is not None:
+
+                def recompute(label_flip: bool = False) -> torch.Tensor:
+                    return task.compute_gradient(params, seed, label_flip=label_flip)
+
+                ctx = AttackContext(
+                    step=step,
+                    peer_index=0,
+                    peer_id=self.me,
+                    byzantine_ids=(),
+                    own_gradient=g,
+                    n=max(n, 1),
+                    b=1,
+                    seed=self.cfg.attack_seed,
+                    compute_gradient=recompute,
+                    param_slices=self._slices,
+                )
+                attack.observe(ctx)
+                if self._schedule.active(step, 0):
+                    g = apply_attack(attack, ctx)
+        return loss, g
+
+    def _on_phase(self, step: int, phase: Phase) -> None:
+        crash = self.cfg.crash_at
+        if crash is not None and (step > crash[0] or (step == crash[0] and phase >= crash[1])):
+            self._emit("crash", step=step, phase=phase.name)
+            os.kill(os.getpid(), signal.SIGKILL)  # a real kill -9: no cleanup, nothing more is sent
+
+    # ------------------------------------------------------------------ training
+    async def _train(self, metrics) -> PeerOutcome:
+        peer, driver, cfg = self.peer, self.driver, self.cfg
+        assert peer is not None and driver is not None
+        status, reason = "finished", ""
+        while peer.step < cfg.steps:
+            t = peer.step
+            self._history[t] = (self.params, peer.r_prev)
+            for old in [s for s in self._history if s < t - 1]:
+                del self._history[old]
+            start = time.monotonic()
+            loss, grad = await asyncio.to_thread(
+                self._work, self.params, peer.r_prev, t, not peer.is_validator, len(peer.contributors)
+            )
+            grad_s = time.monotonic() - start
+            x_hash = params_digest(self.params)
+            role = "validator" if peer.is_validator else "contributor"
+            result, timing = await driver.run_step(x_hash, grad)
+            disagree = _commit_disagreement(peer, x_hash)
+            self.params = self.opt.step(self.params, result.aggregate, t)
+            record = _step_record(result, timing, loss, role, grad_s, time.monotonic() - start, disagree)
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            self._emit("step", **record)
+            driver.forget(set(result.members) - set(result.next_members))
+            if self.me not in result.next_members:
+                mine = [v for v in result.verdicts if v.banned == self.me]
+                status = "banned" if mine else "excluded"
+                reason = mine[0].reason if mine else "silent or late in this step"
+                break
+            if 2 * len(disagree) > len(result.members):
+                status, reason = "diverged", "most members committed a different H(x^t)"
+                break
+            if cfg.checkpoint_every and peer.step % cfg.checkpoint_every == 0 and peer.step < cfg.steps:
+                save_checkpoint(self._checkpoint(), self.run_dir / "checkpoints")
+            if cfg.eval_every and peer.step % cfg.eval_every == 0:
+                task = asyncio.create_task(self._evaluate(self.params, peer.step, cfg.eval_examples))
+                self._evals.add(task)
+                task.add_done_callback(self._evals.discard)
+        ckpt_dir = None
+        if status == "finished":
+            ckpt_dir = str(save_checkpoint(self._checkpoint(), self.run_dir / "checkpoints"))
+        accuracy = None
+        if status == "finished" and cfg.eval_final:
+            accuracy = (await self._evaluate(self.params, peer.step, None))["accuracy"]
+        return self._outcome(status, reason, ckpt_dir, accuracy)
+
+    def _checkpoint(self) -> Checkpoint:
+        peer = self.peer
+        assert peer is not None
+        return Checkpoint(
+            step=peer.step,
+            params=self.params,
+            optimizer=self.opt.state_dict(),
+            r_prev=peer.r_prev,
+            members=peer.members,
+            validators=dict(peer.validators),
+            run_id=peer.cfg.run_id,
+            run_name=self.cfg.run_name,
+            task=self.cfg.task_spec(),
+            phase_timeout=peer.cfg.phase_timeout,
+            num_validators=peer.cfg.validators,
+        )
+
+    async def _evaluate(self, params: torch.Tensor, step: int, examples: int | None) -> dict:
+        def run() -> dict:
+            with self._lock:
+                return self.task.evaluate(params, examples)
+
+        res = await asyncio.to_thread(run)
+        self._emit(
+            "eval", step=step, accuracy=res["accuracy"], loss=res["loss"], examples=int(res["examples"])
+        )
+        return res
+
+    def _outcome(
+        self, status: str, reason: str = "", ckpt: str | None = None, accuracy: float | None = None
+    ) -> PeerOutcome:
+        step = self.peer.step if self.peer is not None else (self.ckpt.step if self.ckpt else 0)
+        out = PeerOutcome(status, step, params_digest(self.params).hex(), reason, ckpt, accuracy)
+        self._emit("done", **asdict(out))
+        return out
+
+
+def _commit_disagreement(peer: BtardPeer, x_hash: bytes) -> list[str]:
+    """Members whose GRAD_COMMIT of the step just finished carried another H(x^t) than ours."""
+    return sorted(
+        short_id(s.msg.sender)
+        for (kind, _, _), s in peer.slots.items()
+        if kind == Kind.GRAD_COMMIT and s.msg.params_hash != x_hash
+    )
+
+
+def _step_record(
+    res: StepResult,
+    timing: StepTiming,
+    loss: float,
+    role: str,
+    grad_s: float,
+    step_s: float,
+    disagree: list[str],
+) -> dict:
+    return {
+        "step": res.step,
+        "loss": loss,
+        "role": role,
+        "active": len(res.members),
+        "next_active": len(res.next_members),
+        "step_seconds": round(step_s, 4),
+        "gradient_seconds": round(grad_s, 4),
+        "protocol_seconds": round(timing.total, 4),
+        "phases": timing.durations(),
+        "bans": [
+            {
+                "peer": short_id(v.banned),
+                "peer_id": v.banned.hex(),
+                "reason": v.reason,
+                "accuser": short_id(v.accuser) if v.accuser else None,
+            }
+            for v in res.verdicts
+        ],
+        "excluded": [short_id(p) for p in res.excluded],
+        "params_disagree": disagree,
+        "missing_parts": list(res.missing_parts),
+        "failed_parts": list(res.failed_parts),
+        "clip_iterations": res.clip_iterations,
+        "rejected_messages": res.rejected_messages,
+        "r": res.r.hex(),
+    }
+
+
+def _client_socket(transport) -> str | None:
+    """hivemind's unix socket file for incoming streams (a crash leaves it behind; the launcher removes it)."""
+    with contextlib.suppress(Exception):
+        return str(transport._p2p._client_listen_maddr["unix"])
+    return None
