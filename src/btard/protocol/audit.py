@@ -5,8 +5,8 @@ signed by the log's owner over the chain head, so a third party detects any edit
 `verify_log` re-checks offline: the chain and owner signatures, every message signature, the chain of r^t
 (recomputed from the MPRNG commits and reveals in the log) and every ban whose evidence is self-contained
 (equivocation, commit mismatch, non-finite part, MPRNG mismatch). Bans that need the model (a validator's
-recomputation), the step's aggregate or its part sizes (a mis-shaped part) are checked for the presence and signatures of their
-evidence and reported as such.
+recomputation), the step's aggregate or its part sizes (a mis-shaped part) are checked for the presence and
+signatures of their evidence and reported as such.
 """
 
 from __future__ import annotations
