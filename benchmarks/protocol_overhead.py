@@ -9,23 +9,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.protocol.conftest import make_swarm  # noqa: E402
-
-from btard.protocol.messages import Kind, decode  # noqa: E402
+from btard.crypto import Identity
+from btard.protocol.harness import Harness, build_peers
+from btard.protocol.messages import Kind, decode
+from btard.protocol.peer import ProtocolConfig
+from btard.transport.memory import MemoryNetwork
 
 GRADIENT_KINDS = {Kind.GRAD_PART, Kind.AGG_PART}
 
 
 def measure(n: int, d: int, steps: int = 2, num_projections: int = 4) -> dict:
-    swarm = make_swarm(n, dim=d, seed=n, validators=1, num_projections=num_projections)
+    idents = [Identity.from_seed(f"overhead-{n}-{i}".encode()) for i in range(n)]
+    cfg = ProtocolConfig(run_id=b"overhead-bench-0", dim=d, validators=1, num_projections=num_projections)
+    gen = torch.Generator().manual_seed(n)
+    grads = {i.peer_id: torch.randn(d, generator=gen) for i in idents}
+    peers = build_peers(idents, cfg, oracle=lambda step, pid: grads[pid], seed=n)
+    harness = Harness(peers, MemoryNetwork(n))
     msgs: Counter = Counter()
     byts: Counter = Counter()
 
@@ -35,9 +39,9 @@ def measure(n: int, d: int, steps: int = 2, num_projections: int = 4) -> dict:
         msgs[group] += len(ev.dests)
         byts[group] += len(ev.raw) * len(ev.dests)
 
-    swarm.harness.on_send = on_send
+    harness.on_send = on_send
     for _ in range(steps):
-        swarm.step()
+        harness.run_step({p: None if peer.is_validator else grads[p] for p, peer in peers.items()}, b"p" * 32)
     per = steps * n
     return {
         "n": n,
