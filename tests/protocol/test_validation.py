@@ -150,3 +150,16 @@ def test_detection_curve_values_are_monotone():
     rates = [detection_rate(m, trials=100, seed=3) for m in (0.5, 1.0, 1.5, 2.0)]
     assert rates == sorted(rates)
     assert np.isclose(rates[-1], 1.0, atol=0.02)
+
+
+def test_exact_hash_mode_bans_any_deviation_and_nothing_else():
+    swarm = make_swarm(5, seed=9, behaviours={1: Perturb(1e-6)}, validators=2, validation_mode="exact")
+    attacker = swarm.ids[1]
+    for _ in range(40):
+        res = swarm.step()
+        first = res[swarm.honest[0]]
+        assert not {v.banned for v in first.verdicts} & set(swarm.honest)
+        if attacker not in first.next_members:
+            assert [v.reason for v in first.verdicts] == ["validation"]
+            return
+    pytest.fail("a deviation of 1e-6·‖g‖ must fail the exact (hash) validation")
