@@ -27,7 +27,7 @@ from btard.protocol.messages import (
     encode,
 )
 
-ME = Identity.from_seed(b"m" * 32)
+ME = Identity.from_seed(b"m" * 32)  # the default signer of generated messages
 RUN = b"r" * 16
 digests = st.binary(min_size=32, max_size=32)
 steps = st.integers(0, 2**63 - 1)
@@ -62,8 +62,8 @@ def messages(draw):
         )
     if choice == 8:
         ents = tuple(draw(st.lists(st.tuples(digests, parts, digests), max_size=10)))
-        return Digest(RUN, t, pid, draw(st.integers(1, 10)), ents)
-    return Pull(RUN, t, pid, draw(st.integers(1, 10)), draw(digests), draw(parts), draw(st.booleans()))
+        return Digest(RUN, t, pid, draw(st.integers(1, 255)), ents)
+    return Pull(RUN, t, pid, draw(st.integers(1, 255)), draw(digests), draw(parts), draw(st.booleans()))
 
 
 @settings(max_examples=150, deadline=None)

@@ -44,6 +44,7 @@ from btard.protocol.messages import (
 from btard.protocol.state import BARRIER_KINDS, CONTENT_KINDS, NEXT_PHASE, PHASE_START, Phase
 
 GENESIS = digest("genesis")
+_KIND_VALUES = frozenset(int(k) for k in Kind)
 # A peer buffers messages of the next step only (peers finish a step at slightly different times); at most
 # this many per sender, which covers every message an honest peer sends in one step for n ≤ 1024.
 MAX_BUFFERED_PER_SENDER = 64
@@ -434,6 +435,9 @@ class BtardPeer:
             self._on_digest(s)
             return
         if m.kind == Kind.PULL:
+            if m.want_kind not in _KIND_VALUES:
+                self._reject(f"pull for unknown message kind {m.want_kind}")
+                return
             if m.public and m.want_kind == Kind.GRAD_PART and m.sender == self.aggregators.get(m.index):
                 self.public.setdefault(s.msg_digest, s)
                 self._audit("msg", s)
@@ -558,7 +562,9 @@ class BtardPeer:
         if self.aggregators.get(m.part) == self.id:
             if self.phase == Phase.SCATTER:
                 self._verify_part(s)
-        else:
+        elif (
+            self.phase != Phase.COMMIT
+        ):  # in COMMIT the aggregators are not assigned yet: an early input part
             self.public[s.msg_digest] = s  # a public re-send (only the aggregator gets parts otherwise)
 
     def _verify_part(self, s: Signed) -> bool:
