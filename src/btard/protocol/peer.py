@@ -562,10 +562,10 @@ class BtardPeer:
         if self.aggregators.get(m.part) == self.id:
             if self.phase == Phase.SCATTER:
                 self._verify_part(s)
-        elif (
-            self.phase != Phase.COMMIT
-        ):  # in COMMIT the aggregators are not assigned yet: an early input part
-            self.public[s.msg_digest] = s  # a public re-send (only the aggregator gets parts otherwise)
+        elif self.phase != Phase.COMMIT:
+            # A public re-send (only the aggregator gets parts otherwise). In COMMIT the aggregators are not
+            # assigned yet, so a part arriving then is an early input part for us, never a re-send.
+            self.public[s.msg_digest] = s
 
     def _verify_part(self, s: Signed) -> bool:
         """Aggregator-side checks of a received part; accuses with evidence and excludes it when bad."""

@@ -12,10 +12,13 @@ import argparse
 import asyncio
 import json
 import os
+import queue
 import sys
+import threading
 from pathlib import Path
 
-EXIT_CODES = {"finished": 0, "banned": 3, "excluded": 4, "not-a-member": 5, "diverged": 6}
+EXIT_CODES = {"finished": 0, "synced": 0, "banned": 3, "excluded": 4, "not-a-member": 5, "diverged": 6}
+EXIT_LAUNCHER_GONE = 7
 
 
 def _kv(text: str) -> tuple[str, object]:
@@ -86,7 +89,8 @@ def register(sub) -> None:
         nargs="*",
         default=[],
         metavar="MADDR",
-        help="multiaddr(s) of a running peer; the first one is the run's coordinator",
+        help="multiaddr(s) of a running peer; the first one is the run's coordinator "
+        "('-': read them from stdin's first line)",
     )
     p.add_argument("--identity", metavar="KEYFILE", help="Ed25519 key file (created if missing)")
     p.add_argument("--run-name", default="btard", help="name of the run in the DHT")
@@ -103,7 +107,19 @@ def register(sub) -> None:
     p.add_argument("--announce-maddrs", nargs="*", default=None, metavar="MADDR")
     p.add_argument("--join-timeout", type=float, default=120.0, metavar="S")
     p.add_argument("--audit-parts", action="store_true", help="log gradient/aggregate parts too (large)")
+    p.add_argument(
+        "--sync-only",
+        action="store_true",
+        help="late joiner: download the state from a member, "
+        "verify H(x) against the members' commitments, save a checkpoint and stop",
+    )
     p.add_argument("--json", action="store_true", help="print events as JSON lines")
+    p.add_argument(
+        "--stdin-lifeline",
+        action="store_true",
+        help="exit as soon as stdin closes (a launcher's "
+        "children die with it); with --initial-peers -, the address is stdin's first line",
+    )
     p.add_argument(
         "--crash-at",
         type=_crash_at,
@@ -163,6 +179,7 @@ def _cmd_peer(args: argparse.Namespace) -> int:
             announce_maddrs=args.announce_maddrs,
             audit_parts=args.audit_parts,
             crash_at=args.crash_at,
+            sync_only=args.sync_only,
         )
         task = get_task(cfg.task, **cfg.task_overrides)
     except (ValueError, TypeError, OSError) as e:
@@ -172,11 +189,40 @@ def _cmd_peer(args: argparse.Namespace) -> int:
     task.apply_numerics()
     printer = _print_json if args.json else _print_human
     try:
-        outcome = asyncio.run(SwarmPeer(cfg, task=task, on_event=printer).run())
+        peer = SwarmPeer(cfg, task=task, on_event=printer)
+        import btard.transport.p2p  # noqa: F401 - hivemind, imported (slowly) while nobody waits for us
+
+        peer.warm_up()
+        first_line = _watch_stdin() if args.stdin_lifeline else None
+        if cfg.initial_peers == ["-"]:  # the address comes later (a launcher starts every peer at once)
+            cfg.initial_peers = (first_line.get() if first_line else sys.stdin.readline()).split()
+            if not cfg.initial_peers:
+                raise ValueError("--initial-peers -: no address on stdin")
+        outcome = asyncio.run(peer.run())
     except (ValueError, TimeoutError) as e:
         print(f"btard peer: {e}", file=sys.stderr)
         return 1
-    return EXIT_CODES.get(outcome.status, 1)
+    code = EXIT_CODES.get(outcome.status, 1)
+    # Everything is closed and written; skip the interpreter's teardown (torch's takes seconds on a busy
+    # machine, which a launcher of many peers would wait for).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _watch_stdin() -> queue.Queue[str]:
+    """Read stdin in a daemon thread; hand over its first line; exit the process at EOF (the launcher that
+    holds the other end is gone, or is done with us)."""
+    first: queue.Queue[str] = queue.Queue()
+
+    def watch() -> None:
+        for line in sys.stdin:
+            first.put(line)
+        first.put("")
+        os._exit(EXIT_LAUNCHER_GONE)
+
+    threading.Thread(target=watch, name="stdin-lifeline", daemon=True).start()
+    return first
 
 
 def _print_json(event: dict) -> None:

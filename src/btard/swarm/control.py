@@ -6,7 +6,11 @@ every length bounded and no extension types; nothing is ever unpickled.
 
 - HELLO ``[run_name, protocol_id]``: "I am here, send me the genesis" (unsigned: the answer is public).
 - GENESIS ``[body, signature]``: the coordinator's signed start state of a run (members, step, r, H(x), the
-  protocol settings every peer must share). See :class:`Genesis`.
+  protocol settings every peer must share, when to begin). See :class:`Genesis`.
+- PING ``[]``: opens the connection to a member before the first step (the answer is the transport's ack).
+- STATE_REQUEST ``[run_name, protocol_id]`` and STATE ``[body, signature]``: a late joiner asks a member for
+  x^t, the optimizer state and the signed GRAD_COMMITs of step t; it trusts x^t only if a majority of the
+  step's members committed H(x^t) (see :func:`verify_state`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from btard.protocol.peer import ProtocolConfig
 
 CONTROL_MAGIC = b"BTSW"
 GENESIS_VERSION = 1
-MAX_NAME_CHARS = 256  # run and task names (a task may be "package.module:factory")
+MAX_NAME_CHARS = 1024  # run and task names (a task is "package.module:factory" and its JSON overrides)
 # A genesis lists at most Limits().max_peers members plus as many validator pairs: ~100 KB at 1024 peers.
 MAX_CONTROL_BYTES = 64 * Limits().max_peers * 3 + 4096
 # The coordinator picks the phase timeout for everyone; outside these bounds the run cannot work (below:
@@ -38,12 +42,38 @@ class ControlError(ValueError):
 class ControlKind(enum.IntEnum):
     HELLO = 1
     GENESIS = 2
+    PING = 3
+    STATE_REQUEST = 4
+    STATE = 5
 
 
 @dataclass(frozen=True)
 class Hello:
     run_name: str
     protocol_id: bytes
+
+
+@dataclass(frozen=True)
+class StateRequest:
+    run_name: str
+    protocol_id: bytes
+
+
+@dataclass(frozen=True)
+class State:
+    """A member's training state at the start of step ``step``, with the step's signed GRAD_COMMITs."""
+
+    server: bytes
+    run_id: bytes
+    step: int
+    r_prev: bytes
+    members: tuple[bytes, ...]
+    validators: tuple[tuple[bytes, bytes], ...]
+    params: bytes  # x^step as raw little-endian float32
+    optimizer: tuple[tuple[str, tuple[int, ...], bytes], ...]  # (key, shape, raw float32) per state tensor
+    commits: tuple[bytes, ...]  # raw signed GRAD_COMMIT messages of step `step`
+    phase_timeout: float
+    num_validators: int
 
 
 @dataclass(frozen=True)
@@ -67,6 +97,7 @@ class Genesis:
     validators: tuple[tuple[bytes, bytes], ...]  # (validator, target) pairs of the first step
     phase_timeout: float
     num_validators: int
+    start_at: float  # Unix time at which every member begins the first step
 
     def protocol_config(self) -> ProtocolConfig:
         return ProtocolConfig(
@@ -91,6 +122,7 @@ class Genesis:
             [list(v) for v in self.validators],
             self.phase_timeout,
             self.num_validators,
+            self.start_at,
         ]
 
 
@@ -102,6 +134,9 @@ def encode_hello(run_name: str, protocol_id: bytes) -> bytes:
     return CONTROL_MAGIC + bytes([ControlKind.HELLO]) + msgpack.packb([run_name, protocol_id])
 
 
+PING = CONTROL_MAGIC + bytes([ControlKind.PING]) + msgpack.packb([])
+
+
 def encode_genesis(genesis: Genesis, identity: Identity) -> bytes:
     if identity.peer_id != genesis.coordinator:
         raise ValueError("the genesis must be signed by its coordinator")
@@ -110,39 +145,73 @@ def encode_genesis(genesis: Genesis, identity: Identity) -> bytes:
     return CONTROL_MAGIC + bytes([ControlKind.GENESIS]) + msgpack.packb([body, sig], use_bin_type=True)
 
 
-def decode_control(payload: bytes) -> Hello | Genesis:
-    """Parse and verify a control message; raises :class:`ControlError`."""
+def encode_state_request(run_name: str, protocol_id: bytes) -> bytes:
+    return CONTROL_MAGIC + bytes([ControlKind.STATE_REQUEST]) + msgpack.packb([run_name, protocol_id])
+
+
+def encode_state(state: State, identity: Identity) -> bytes:
+    fields = [
+        GENESIS_VERSION,
+        state.server,
+        state.run_id,
+        state.step,
+        state.r_prev,
+        list(state.members),
+        [list(v) for v in state.validators],
+        state.params,
+        [[k, list(shape), raw] for k, shape, raw in state.optimizer],
+        list(state.commits),
+        state.phase_timeout,
+        state.num_validators,
+    ]
+    body = msgpack.packb(fields, use_bin_type=True)
+    sig = identity.sign(digest("swarm-state", body))
+    return CONTROL_MAGIC + bytes([ControlKind.STATE]) + msgpack.packb([body, sig], use_bin_type=True)
+
+
+def decode_control(payload: bytes, max_state_bytes: int = 0) -> Hello | Genesis | StateRequest | State | None:
+    """Parse and verify a control message (None for a PING); raises :class:`ControlError`.
+
+    STATE messages carry the model: they are accepted up to ``max_state_bytes`` (0: refused), all other kinds
+    up to ``MAX_CONTROL_BYTES``."""
     if not is_control(payload) or len(payload) < 5:
         raise ControlError("not a control message")
-    if len(payload) > MAX_CONTROL_BYTES:
-        raise ControlError(f"control message of {len(payload)} bytes exceeds {MAX_CONTROL_BYTES}")
     kind, body = payload[4], payload[5:]
-    if kind == ControlKind.HELLO:
+    limit = max_state_bytes if kind == ControlKind.STATE else MAX_CONTROL_BYTES
+    if len(payload) > limit:
+        raise ControlError(f"control message of {len(payload)} bytes exceeds {limit}")
+    if kind in (ControlKind.HELLO, ControlKind.STATE_REQUEST):
         f = _unpack(body)
         if not isinstance(f, list) or len(f) != 2:
-            raise ControlError("HELLO must be [run_name, protocol_id]")
-        return Hello(_str(f[0], "run_name"), _bin(f[1], PEER_ID_BYTES, "protocol_id"))
+            raise ControlError("HELLO and STATE_REQUEST are [run_name, protocol_id]")
+        cls = Hello if kind == ControlKind.HELLO else StateRequest
+        return cls(_str(f[0], "run_name"), _bin(f[1], PEER_ID_BYTES, "protocol_id"))
+    if kind == ControlKind.STATE:
+        outer = _unpack(body, limit)
+        if not isinstance(outer, list) or len(outer) != 2:
+            raise ControlError("STATE must be [body, signature]")
+        return _parse_state(_bin(outer[0], None, "body"), _bin(outer[1], SIGNATURE_BYTES, "signature"), limit)
     if kind == ControlKind.GENESIS:
         outer = _unpack(body)
         if not isinstance(outer, list) or len(outer) != 2:
             raise ControlError("GENESIS must be [body, signature]")
         raw, sig = _bin(outer[0], None, "body"), _bin(outer[1], SIGNATURE_BYTES, "signature")
         return _parse_genesis(raw, sig)
+    if kind == ControlKind.PING:
+        return None
     raise ControlError(f"unknown control kind {kind}")
 
 
 def _parse_genesis(raw: bytes, sig: bytes) -> Genesis:
     f = _unpack(raw)
-    if not isinstance(f, list) or len(f) != 13 or f[0] != GENESIS_VERSION:
+    if not isinstance(f, list) or len(f) != 14 or f[0] != GENESIS_VERSION:
         raise ControlError("unsupported genesis format")
     coordinator = _bin(f[1], PEER_ID_BYTES, "coordinator")
     if not verify(coordinator, digest("swarm-genesis", raw), sig):
         raise ControlError("genesis signature does not verify")
     members = _list(f[9], "members")
     pairs = _list(f[10], "validators")
-    timeout = f[11]
-    if not isinstance(timeout, float) or not MIN_PHASE_TIMEOUT <= timeout <= MAX_PHASE_TIMEOUT:
-        raise ControlError(f"phase timeout must be a float in [{MIN_PHASE_TIMEOUT}, {MAX_PHASE_TIMEOUT}]")
+    timeout = _timeout(f[11])
     g = Genesis(
         coordinator=coordinator,
         run_name=_str(f[2], "run_name"),
@@ -156,6 +225,7 @@ def _parse_genesis(raw: bytes, sig: bytes) -> Genesis:
         validators=tuple(_pair(p) for p in pairs),
         phase_timeout=timeout,
         num_validators=_int(f[12], "num_validators"),
+        start_at=_time(f[13]),
     )
     if len(set(g.members)) != len(g.members) or not g.members or g.dim < 1:
         raise ControlError("genesis members must be distinct and non-empty, dim positive")
@@ -164,14 +234,84 @@ def _parse_genesis(raw: bytes, sig: bytes) -> Genesis:
     return g
 
 
-def _unpack(data: bytes) -> object:
+def _parse_state(raw: bytes, sig: bytes, limit: int) -> State:
+    f = _unpack(raw, limit)
+    if not isinstance(f, list) or len(f) != 12 or f[0] != GENESIS_VERSION:
+        raise ControlError("unsupported state format")
+    server = _bin(f[1], PEER_ID_BYTES, "server")
+    if not verify(server, digest("swarm-state", raw), sig):
+        raise ControlError("state signature does not verify")
+    params = _bin(f[7], None, "params")
+    opt = []
+    for item in _list(f[8], "optimizer"):
+        if not isinstance(item, list) or len(item) != 3 or not isinstance(item[1], list) or len(item[1]) > 8:
+            raise ControlError("optimizer entries are [key, shape, bytes]")
+        shape = tuple(_int(x, "shape") for x in item[1])
+        data = _bin(item[2], None, "optimizer tensor")
+        if len(data) != 4 * math.prod(shape):
+            raise ControlError("optimizer tensor size does not match its shape")
+        opt.append((_str(item[0], "key"), shape, data))
+    if len(params) % 4:
+        raise ControlError("params must be float32 bytes")
+    return State(
+        server=server,
+        run_id=_bin(f[2], 16, "run_id"),
+        step=_int(f[3], "step"),
+        r_prev=_bin(f[4], 32, "r_prev"),
+        members=tuple(_bin(m, PEER_ID_BYTES, "member") for m in _list(f[5], "members")),
+        validators=tuple(_pair(p) for p in _list(f[6], "validators")),
+        params=params,
+        optimizer=tuple(opt),
+        commits=tuple(_bin(c, None, "commit") for c in _list(f[9], "commits")),
+        phase_timeout=_timeout(f[10]),
+        num_validators=_int(f[11], "num_validators"),
+    )
+
+
+def verify_state(state: State, params_hash: bytes, limits: Limits | None = None) -> list[bytes]:
+    """The members whose valid signed GRAD_COMMIT of ``state.step`` carries ``params_hash`` (= H(x^t) of the
+    received parameters). Raises :class:`ControlError` unless they are a strict majority of the members:
+    with an honest majority, no coalition can make a joiner accept parameters the honest peers do not hold."""
+    from btard.protocol.errors import MalformedMessage
+    from btard.protocol.messages import Kind, decode
+
+    backers = set()
+    for raw in state.commits:
+        try:
+            s = decode(raw, limits or Limits())
+        except MalformedMessage:
+            continue
+        m = s.msg
+        ok = m.kind == Kind.GRAD_COMMIT and m.run_id == state.run_id and m.step == state.step
+        if ok and m.sender in state.members and m.params_hash == params_hash:
+            backers.add(m.sender)
+    if 2 * len(backers) <= len(state.members):
+        raise ControlError(
+            f"only {len(backers)} of {len(state.members)} members committed H(x^{state.step}) of this state"
+        )
+    return sorted(backers)
+
+
+def _timeout(v: object) -> float:
+    if not isinstance(v, float) or not MIN_PHASE_TIMEOUT <= v <= MAX_PHASE_TIMEOUT:
+        raise ControlError(f"phase timeout must be a float in [{MIN_PHASE_TIMEOUT}, {MAX_PHASE_TIMEOUT}]")
+    return v
+
+
+def _time(v: object) -> float:
+    if not isinstance(v, float) or not math.isfinite(v):
+        raise ControlError("start_at: expected a finite float")
+    return v
+
+
+def _unpack(data: bytes, limit: int = MAX_CONTROL_BYTES) -> object:
     try:
         return msgpack.unpackb(
             data,
             raw=False,
             strict_map_key=True,
-            max_str_len=MAX_CONTROL_BYTES,
-            max_bin_len=MAX_CONTROL_BYTES,
+            max_str_len=MAX_NAME_CHARS,
+            max_bin_len=limit,
             max_array_len=Limits().max_peers + 16,
             max_map_len=0,
             max_ext_len=0,

@@ -43,7 +43,9 @@ class Outbox:
         self._transport = transport
         self._queues: dict[bytes, asyncio.Queue[bytes]] = {}
         self._tasks: dict[bytes, asyncio.Task] = {}
-        self.sent = 0
+        self.queued = 0  # messages (and their bytes) handed to the outbox, one per destination
+        self.queued_bytes = 0
+        self.sent = 0  # messages acknowledged by their receiver
         self.failed: dict[bytes, int] = {}
 
     def put(self, dest: bytes, raw: bytes) -> None:
@@ -52,6 +54,8 @@ class Outbox:
             q = self._queues[dest] = asyncio.Queue()
             self._tasks[dest] = asyncio.create_task(self._drain(dest, q))
         q.put_nowait(raw)
+        self.queued += 1
+        self.queued_bytes += len(raw)
 
     async def _drain(self, dest: bytes, q: asyncio.Queue[bytes]) -> None:
         while True:
@@ -102,6 +106,7 @@ class StepTiming:
 
     phases: dict[str, float] = field(default_factory=dict)
     total: float = 0.0
+    deadlines: int = 0  # how often a deadline (not a message) moved the step on: 0 in a healthy step
 
     def durations(self) -> dict[str, float]:
         """Seconds spent in each phase."""
@@ -144,6 +149,7 @@ class ProtocolDriver:
     def start(self) -> None:
         if self._recv_task is None:
             self._recv_task = asyncio.create_task(self._recv_loop())
+            self._recv_task.add_done_callback(lambda _: self._wake.set())  # a crash of it must not go unseen
 
     def attach(self, peer: BtardPeer) -> None:
         """Hand the peer to the driver and replay the protocol messages that arrived before it existed."""
@@ -209,6 +215,9 @@ class ProtocolDriver:
         peer.begin_step(self._t0, params_hash, gradient)
         self._pump()
         while not self._results:
+            if self._recv_task is not None and self._recv_task.done():
+                self._recv_task.result()  # re-raise what killed the receiver (a bug: peers never raise)
+                raise RuntimeError("the receive loop stopped (transport closed)")
             deadline = peer.next_deadline
             # No deadline pending (it cannot happen mid-step, but never wait forever): tick every T.
             delay = peer.cfg.phase_timeout if deadline is None else deadline - self._clock()
@@ -219,6 +228,7 @@ class ProtocolDriver:
                     continue  # a message arrived: the deadline may have changed
                 except TimeoutError:
                     pass
+            self._timing.deadlines += 1
             peer.tick(self._clock())
             self._pump()
         return self._results.pop(0), self._timing

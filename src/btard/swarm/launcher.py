@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import queue
+import shutil
 import statistics
 import subprocess
 import sys
@@ -21,7 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from btard.crypto import Identity
+
 START_TIMEOUT_S = 90.0  # importing torch and hivemind and starting p2pd, on a loaded 2-core machine
+LINGER_S = 3.0  # how long non-honest peers may run on after the last honest peer exited
 
 
 @dataclass
@@ -33,16 +37,21 @@ class PeerRole:
     attack_start: int = 0
     label: str = ""
     crash_at: str | None = None  # "STEP:PHASE": kill -9 itself there (fault injection)
+    joiner: bool = False  # a late joiner: downloads and verifies the state from the members, then stops
+    extra_args: list[str] = field(default_factory=list)  # more `btard peer` arguments for this peer
 
     @property
     def honest(self) -> bool:
-        return self.attack is None and self.crash_at is None
+        """An honest member of the run (a joiner is honest but never a member)."""
+        return self.attack is None and self.crash_at is None and not self.joiner
 
     def describe(self) -> str:
         if self.label:
             return self.label
         if self.attack:
             return f"attack {self.attack}"
+        if self.joiner:
+            return "late joiner (state download)"
         return f"crashes at {self.crash_at}" if self.crash_at else "honest"
 
 
@@ -51,6 +60,7 @@ class SwarmConfig:
     """A local swarm. Peer 0 coordinates the genesis and should be honest; ``roles`` maps peer index to role."""
 
     peers: int = 8
+    min_peers: int | None = None  # the genesis waits for this many (default: all `peers`)
     roles: dict[int, PeerRole] = field(default_factory=dict)
     task: str = "mnist"
     task_overrides: dict = field(default_factory=dict)
@@ -65,6 +75,7 @@ class SwarmConfig:
     eval_final: bool = True  # peer 0 evaluates the final parameters on the whole test set
     timeout: float = 600.0  # the whole run, after which every peer is killed
     extra_args: list[str] = field(default_factory=list)  # passed to every `btard peer`
+    env: dict[str, str] = field(default_factory=dict)  # extra environment variables of the peer processes
 
     def role(self, i: int) -> PeerRole:
         return self.roles.get(i, PeerRole())
@@ -78,16 +89,13 @@ class PeerRun:
     role: PeerRole
     directory: Path
     process: subprocess.Popen
+    protocol_id: str  # hex public key (its key file is created before the process starts)
     info: dict = field(default_factory=dict)  # its "listening" event
     steps: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     done: dict | None = None
     crashed_at: dict | None = None
     returncode: int | None = None
-
-    @property
-    def protocol_id(self) -> str:
-        return self.info.get("protocol_id", "")
 
     @property
     def short(self) -> str:
@@ -113,24 +121,24 @@ class LocalSwarm:
         self.kill()
 
     # ------------------------------------------------------------------ processes
-    def _command(self, i: int, initial: str | None) -> list[str]:
+    def _command(self, i: int) -> list[str]:
         cfg, role = self.cfg, self.cfg.role(i)
         d = self.root / f"peer-{i:02d}"
         cmd = [
-            sys.executable, "-m", "btard.cli", "peer", "--json",
+            sys.executable, "-m", "btard.cli", "peer", "--json", "--stdin-lifeline",
             "--task", cfg.task,
             "--run-name", cfg.run_name,
             "--run-dir", str(d),
             "--steps", str(cfg.steps),
-            "--min-peers", str(cfg.peers),
+            "--min-peers", str(cfg.min_peers or cfg.peers),
             "--phase-timeout", str(cfg.phase_timeout),
             "--validators", str(cfg.validators),
             "--checkpoint-every", str(cfg.checkpoint_every),
         ]  # fmt: skip
         for k, v in cfg.task_overrides.items():
             cmd += ["--task-param", f"{k}={json.dumps(v)}"]
-        if initial:
-            cmd += ["--initial-peers", initial]
+        if i > 0:
+            cmd += ["--initial-peers", "-"]  # peer 0's address, written to stdin once it is known
         if cfg.resume:
             cmd += ["--resume", str(d)]
         if i == 0:
@@ -144,17 +152,36 @@ class LocalSwarm:
                 cmd += ["--attack-param", f"{k}={json.dumps(v)}"]
         if role.crash_at:
             cmd += ["--crash-at", role.crash_at]
-        return cmd + list(cfg.extra_args)
+        if role.joiner:
+            cmd += ["--sync-only"]
+        return cmd + list(cfg.extra_args) + list(role.extra_args)
 
-    def _spawn(self, i: int, initial: str | None) -> PeerRun:
+    def _spawn(self, i: int) -> PeerRun:
         d = self.root / f"peer-{i:02d}"
         d.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "GOLOG_LOG_LEVEL": "error", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        if not self.cfg.resume:  # a fresh run: drop what an earlier run left here (keep the identity)
+            for old in ("metrics.jsonl", "stderr.log", *(f.name for f in d.glob("audit*.jsonl"))):
+                (d / old).unlink(missing_ok=True)
+            shutil.rmtree(d / "checkpoints", ignore_errors=True)
+        identity = Identity.load_or_create(d / "identity.key")
+        env = {
+            **os.environ,
+            "GOLOG_LOG_LEVEL": "error",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+            **self.cfg.env,
+        }
         with open(d / "stderr.log", "ab") as err:
             proc = subprocess.Popen(
-                self._command(i, initial), stdout=subprocess.PIPE, stderr=err, env=env, text=True, bufsize=1
+                self._command(i),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=env,
+                text=True,
+                bufsize=1,
             )
-        run = PeerRun(i, self.cfg.role(i), d, proc)
+        run = PeerRun(i, self.cfg.role(i), d, proc, identity.peer_id.hex())
         threading.Thread(target=self._pump, args=(i, proc), daemon=True).start()
         return run
 
@@ -168,19 +195,30 @@ class LocalSwarm:
         self._events.put((i, None))
 
     def start(self) -> None:
-        """Start peer 0, wait for its address, then start the others."""
+        """Start every peer at once (imports and data loading overlap); the followers get peer 0's address on
+        their stdin as soon as peer 0 reports it."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.started_at = time.monotonic()
-        self.peers = [self._spawn(0, None)]
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not self.peers[0].info:
-            if not self._next(max(0.1, deadline - time.monotonic())) and time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"peer 0 did not start within {START_TIMEOUT_S} s (see its stderr.log)")
-            if self.peers[0].returncode is not None and not self.peers[0].info:
-                raise RuntimeError(f"peer 0 exited with {self.peers[0].returncode} (see {self.peers[0].directory})")
-        address = self.peers[0].info["maddrs"][0]
-        self.peers += [self._spawn(i, address) for i in range(1, self.cfg.peers)]
+        try:
+            for i in range(self.cfg.peers):
+                self.peers.append(self._spawn(i))
+            deadline = time.monotonic() + START_TIMEOUT_S
+            first = self.peers[0]
+            while not first.info:
+                if first.returncode is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"peer 0 did not start (exit code {first.returncode}; see {first.directory})"
+                    )
+                self._next(0.5)
+        except BaseException:  # __exit__ does not run when __enter__ fails: never leave children behind
+            self.kill()
+            raise
+        for run in self.peers[1:]:
+            assert run.process.stdin is not None
+            # stdin stays open: it is the peers' lifeline (they exit when it closes, i.e. when we are gone)
+            with contextlib.suppress(OSError):  # a peer that already died is reported by wait()
+                run.process.stdin.write(" ".join(first.info["maddrs"]) + "\n")
+                run.process.stdin.flush()
 
     def _next(self, timeout: float) -> bool:
         """Handle one event (False if none came within ``timeout``)."""
@@ -216,13 +254,19 @@ class LocalSwarm:
                 os.remove(sock)
 
     def wait(self) -> list[PeerRun]:
-        """Handle events until every peer exited (or the timeout, then kill them all and raise)."""
+        """Handle events until every peer exited (or the timeout, then kill them all and raise). Once every
+        honest member has exited, the others (attackers left alone, say) get ``LINGER_S``, then are killed."""
         deadline = self.started_at + self.cfg.timeout
+        honest_done: float | None = None
         while any(r.returncode is None for r in self.peers):
             if time.monotonic() > deadline:
                 self.kill()
                 raise TimeoutError(f"the swarm did not finish within {self.cfg.timeout} s")
-            self._next(1.0)
+            if honest_done is None and all(r.returncode is not None for r in self.peers if r.role.honest):
+                honest_done = time.monotonic()
+            if honest_done is not None and time.monotonic() > honest_done + LINGER_S:
+                self.kill()
+            self._next(0.5)
         return self.peers
 
     def kill(self) -> None:
@@ -255,10 +299,15 @@ def summarize(cfg: SwarmConfig, peers: list[PeerRun], wall_seconds: float) -> di
     hashes = {r.done["params_hash"] for r in finished if r.done}
     audits = {}
     for r in peers:
-        log = r.directory / "audit.jsonl"
-        if log.exists():
-            rep = verify_log([ln for ln in log.read_text().splitlines() if ln.strip()])
-            audits[r.index] = {"ok": rep.ok, "steps": rep.steps, "messages": rep.messages, "problems": rep.problems[:5]}
+        logs = sorted(r.directory.glob("audit*.jsonl"))
+        if logs:
+            reps = [verify_log([ln for ln in f.read_text().splitlines() if ln.strip()]) for f in logs]
+            audits[r.index] = {
+                "ok": all(x.ok for x in reps),
+                "steps": sum(x.steps for x in reps),
+                "messages": sum(x.messages for x in reps),
+                "problems": [p for x in reps for p in x.problems][:5],
+            }
     steps = witness.steps if witness else []
     times = [s["step_seconds"] for s in steps]
     slowest_phase = max((max(s["phases"].values(), default=0.0) for s in steps), default=0.0)
@@ -276,7 +325,8 @@ def summarize(cfg: SwarmConfig, peers: list[PeerRun], wall_seconds: float) -> di
                 "id": r.short,
                 "role": r.role.describe(),
                 "honest": r.role.honest,
-                "status": (r.done or {}).get("status") or ("killed" if r.crashed_at else f"exit {r.returncode}"),
+                "status": (r.done or {}).get("status")
+                or ("killed" if r.crashed_at else f"exit {r.returncode}"),
                 "banned": bans.get(r.protocol_id),
                 "excluded_at": excluded.get(r.short),
                 "steps": len(r.steps),
@@ -307,7 +357,13 @@ def plot(cfg: SwarmConfig, peers: list[PeerRun], report: dict, path: Path) -> No
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if witness is not None:
         xs = [s["step"] + 1 for s in witness.steps]
-        ax.plot(xs, [s["loss"] for s in witness.steps], lw=1, color="tab:blue", label="training loss (one batch)")
+        loss = [s["loss"] for s in witness.steps]
+        k = max(1, len(loss) // 25)  # moving average over ~4% of the run
+        smooth = [statistics.fmean(loss[max(0, i - k + 1) : i + 1]) for i in range(len(loss))]
+        ax.plot(xs, loss, lw=0.7, color="tab:blue", alpha=0.3)
+        ax.plot(
+            xs, smooth, lw=1.5, color="tab:blue", label=f"training loss (one peer's batches, mean of {k})"
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
@@ -317,16 +373,34 @@ def plot(cfg: SwarmConfig, peers: list[PeerRun], report: dict, path: Path) -> No
         ax2.set_ylim(0, 1)
         ax2.set_ylabel("test accuracy")
         ax2.legend(loc="center right", fontsize=8)
-    for p in report["peer_reports"]:
-        if p["banned"]:
-            s = p["banned"]["step"] + 1
-            ax.axvline(s, color="red", ls="--", lw=1)
-            ax.text(s, ax.get_ylim()[1], f" {p['role']}", rotation=90, va="top", fontsize=7, color="red")
+    banned = [p for p in report["peer_reports"] if p["banned"]]
+    for p, color in zip(banned, ["red", "darkorange", "purple", "brown", "magenta", "olive"] * len(banned)):
+        s = p["banned"]["step"] + 1
+        ax.axvline(s, color=color, ls="--", lw=1, label=f"step {s}: banned peer {p['index']} ({p['role']})")
     ax.legend(loc="upper right", fontsize=8)
     ax.set_title(f"BTARD swarm on loopback: {cfg.peers} peers, task {cfg.task}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# What each verdict means, for the summary (matched by substring of the verdict's reason).
+EXPLANATIONS = [
+    ("false accusation", "it accused an honest peer with evidence that proves nothing"),
+    ("validation", "a validator recomputed its gradient from the public seed: it had sent something else"),
+    ("fails the projection check", "its aggregate is not the CenteredClip of the parts it received"),
+    ("declares the wrong inputs", "its aggregate left out (or added) senders' parts"),
+    ("commit-mismatch", "it sent a gradient part that differs from its signed commitment"),
+    ("equivocation", "it signed two different messages for one slot"),
+    ("mprng-mismatch", "its revealed random secret does not match its commitment"),
+    ("wrong-projection", "it reported false projections of its gradient"),
+    ("nonfinite", "it sent NaN/Inf values"),
+    ("bad-shape", "it sent a part of the wrong size"),
+]
+
+
+def explain(reason: str) -> str:
+    return next((why for key, why in EXPLANATIONS if key in reason), "")
 
 
 def format_report(report: dict, root: Path) -> str:
@@ -335,7 +409,8 @@ def format_report(report: dict, root: Path) -> str:
         if p["banned"]:
             b = p["banned"]
             by = f", accused by {b['accuser']}" if b["accuser"] else ""
-            fate = f"BANNED at step {b['step'] + 1}: {b['reason']}{by}"
+            why = explain(b["reason"])
+            fate = f"BANNED at step {b['step'] + 1}: {b['reason']}{by}" + (f"\n{'':42}({why})" if why else "")
         elif p["excluded_at"] is not None:
             fate = f"excluded at step {p['excluded_at'] + 1} (went silent)"
         else:
@@ -344,7 +419,9 @@ def format_report(report: dict, root: Path) -> str:
     honest_banned = report["honest_banned"]
     lines.append(f"  honest peers banned: {len(honest_banned) or 'none'}")
     if report["honest_identical"]:
-        lines.append(f"  honest peers finished with bit-identical parameters (H(x) {report['params_hash'][:16]})")
+        lines.append(
+            f"  honest peers finished with bit-identical parameters (H(x) {report['params_hash'][:16]})"
+        )
     else:
         lines.append(f"  WARNING: honest peers do not agree ({report['honest_finished']} finished)")
     if report["final_accuracy"] is not None:
@@ -360,8 +437,10 @@ def format_report(report: dict, root: Path) -> str:
         f"(signatures, hash chain, r^t, self-contained ban evidence)"
         + "".join(f"\n    peer {i}: {a['problems']}" for i, a in bad.items())
     )
-    lines.append(f"  files: {root}/progress.png, {root}/summary.json, {root}/peer-*/metrics.jsonl, "
-                 f"{root}/peer-*/audit.jsonl (check one: btard audit {root}/peer-00/audit.jsonl)")
+    lines.append(
+        f"  files: {root}/progress.png, {root}/summary.json, {root}/peer-*/metrics.jsonl, "
+        f"{root}/peer-*/audit.jsonl (check one: btard audit {root}/peer-00/audit.jsonl)"
+    )
     return "\n".join(lines)
 
 
@@ -370,17 +449,23 @@ def run_and_report(cfg: SwarmConfig, *, title: str, out: Callable[[str], None] =
     from btard.swarm.cli import format_step
 
     out(f"{title}\nstarting {cfg.peers} peer processes (run directory {cfg.run_dir}) ...")
+    for i in range(cfg.peers):
+        role = cfg.role(i)
+        if role.attack:
+            out(f"  peer {i}: {role.describe()} (from step {role.attack_start + 1})")
+        elif not role.honest:
+            out(f"  peer {i}: {role.describe()}")
 
     def on_event(run: PeerRun, ev: dict) -> None:
         kind = ev["event"]
         if kind == "genesis" and run.index == 0:
-            out(f"all {len(ev['members'])} peers present: training starts (phase timeout {ev['phase_timeout']} s)")
+            out(
+                f"all {len(ev['members'])} peers present: training starts (phase timeout {ev['phase_timeout']} s)"
+            )
         elif kind == "step" and run is _witness():
             out(format_step(ev, cfg.steps))
         elif kind == "eval" and run.index == 0:
             out(f"     test accuracy at step {ev['step']}: {ev['accuracy']:.4f} ({ev['examples']} examples)")
-        elif kind == "done" and not run.role.honest:
-            out(f"     peer {run.index} ({run.role.describe()}) stopped: {ev['status']} {ev['reason']}")
 
     def _witness() -> PeerRun | None:
         return next((r for r in swarm.peers if r.role.honest and r.returncode is None), None)
@@ -398,7 +483,9 @@ def run_and_report(cfg: SwarmConfig, *, title: str, out: Callable[[str], None] =
     return 0 if ok else 1
 
 
-def demo_config(run_dir: str = "runs/demo", steps: int | None = None, phase_timeout: float | None = None) -> SwarmConfig:
+def demo_config(
+    run_dir: str = "runs/demo", steps: int | None = None, phase_timeout: float | None = None
+) -> SwarmConfig:
     """`btard demo`: 8 peers train real MNIST; peer 5 flips its gradient ×1000 (caught by validators), peer 6
     publishes a wrong aggregate (caught by the projection check), peer 7 falsely accuses an honest peer."""
     roles = {
@@ -410,7 +497,7 @@ def demo_config(run_dir: str = "runs/demo", steps: int | None = None, phase_time
         peers=8,
         roles=roles,
         task="mnist",
-        steps=steps or 150,
+        steps=steps or 200,
         phase_timeout=phase_timeout or 2.0,
         validators=2,
         run_dir=run_dir,

@@ -3,22 +3,35 @@
 The peer owns one `P2PTransport`, one `BtardPeer` (driven by `ProtocolDriver`) and the training state
 (x^t, optimizer). Per step t it computes its gradient at x^t on the public seed ξ = H(r^{t−1}, t, id) in a
 worker thread (validators skip this), runs the protocol step, applies ĝ with the task's optimizer, and
-writes one metrics line. Its run directory holds ``metrics.jsonl``, ``audit.jsonl`` and ``checkpoints/``.
+writes one metrics line. Its run directory holds ``metrics.jsonl``, ``audit.jsonl`` (``audit-from-step-<t>.jsonl``
+after a resume) and ``checkpoints/``.
 
 Bootstrap (the genesis) [decision]: the peer started without ``initial_peers`` is the run's *coordinator*,
 for the genesis only. It waits until ``min_peers`` peers announced themselves in the DHT under the run name
 (``announce``/``list_peers``), then signs a `Genesis` (members = the sorted protocol ids of all peers listed
-at that moment, step, r, H(x), phase timeout, validators) and sends it to every member; after that it is an
-ordinary member. A follower accepts the genesis only from the libp2p peer of its first ``initial_peers``
-address (the transport authenticates that id), checks it (task, H(x), its checkpoint when resuming, the
-allow-list) and starts the step at once; it also asks the coordinator for it (HELLO) every second until
-then, so a lost genesis is resent and a peer that arrives after the start learns that it is not a member.
-Because every honest peer builds its member list from this one signed message, they all agree on it.
+at that moment, step, r, H(x), phase timeout, validators, a start time 2 s ahead) and sends it to every
+member; after that it is an ordinary member. A follower accepts the genesis only from the libp2p peer of its
+first ``initial_peers`` address (the transport authenticates that id) and checks it (task, H(x), its
+checkpoint when resuming, the allow-list); until then it asks the coordinator for it (HELLO) every second, so
+a lost genesis is resent. Every member then opens its connections to the others (PING) and begins the first
+step at the start time (wall clock: members' clocks must agree to well under T). Because every honest peer
+builds its member list from this one signed message, they all agree on it. After each step a peer begins the
+next one at once, so peers stay within a message latency of each other.
 
 Trust: the coordinator only chooses who starts (everything after follows from the protocol); an allow-list
 (``allow_list``) restricts that choice, and every peer ignores records, control messages and genesis members
-not on it. Late joining (downloading x^t and entering via probation) needs protocol support for admitting
-members and is not implemented: a peer that is not in the genesis stops with status ``not-a-member``.
+not on it. A peer that is not in the genesis stops with status ``not-a-member``.
+
+Late joiners (partial) [decision]: a peer started with ``sync_only`` never announces itself in the run; it
+asks members (the bootstrap peer first) for their STATE: x^t, the optimizer state, r^{t−1}, members and
+validators of step t, and the signed GRAD_COMMITs of step t. It accepts x^t only if a strict majority of the
+members committed H(x^t), so with an honest majority no coalition can hand it other parameters; it saves the
+state as a checkpoint and stops (status ``synced``). Missing before it can train: (1) admission: a signed JOIN
+that every honest peer sees in the same step (e.g. covered by the ACCUSE-phase digest like the other public
+items), so that next_members = f(members, bans, exclusions, admitted joiners) stays deterministic; (2)
+probation: for its first steps the joiner is a validation target every step and its parts are not
+aggregated; (3) the optimizer state is committed by nobody: fetch it from several members and compare, or
+have peers commit H(optimizer state) beside H(x^t).
 """
 
 from __future__ import annotations
@@ -37,7 +50,7 @@ from pathlib import Path
 import torch
 
 from btard.attacks.base import AttackContext, AttackKind, AttackSchedule, GradientAttack, apply_attack
-from btard.attacks.registry import get_attack
+from btard.attacks.registry import get_attack, resolve_attack
 from btard.crypto import Identity, digest, short_id
 from btard.protocol.audit import AuditLog
 from btard.protocol.messages import Kind, Signed
@@ -45,14 +58,20 @@ from btard.protocol.peer import GENESIS, Behaviour, BtardPeer, StepResult
 from btard.protocol.state import Phase
 from btard.swarm.checkpoint import Checkpoint, load_checkpoint, params_digest, save_checkpoint
 from btard.swarm.control import (
+    PING,
     ControlError,
     Genesis,
     Hello,
+    State,
+    StateRequest,
     decode_control,
     encode_genesis,
     encode_hello,
+    encode_state,
+    encode_state_request,
     finite_timeout,
     is_control,
+    verify_state,
 )
 from btard.swarm.driver import ProtocolDriver, StepTiming
 from btard.training import Task, get_task
@@ -60,6 +79,13 @@ from btard.transport.base import Incoming
 
 HELLO_INTERVAL_S = 1.0  # how often a follower asks the coordinator for the genesis until it has it
 LIST_INTERVAL_S = 0.25  # how often the coordinator polls the DHT for announced peers
+# The first step begins this long after the genesis is signed, at the same wall-clock time everywhere, and
+# peers open their connections meanwhile: on a loaded 2-core machine, opening 110 libp2p connections (11 peers)
+# inside the first step took ~2 s, right at the second deadline of a T = 1 s commit barrier.
+START_DELAY_S = 2.0
+MAX_START_WAIT_S = 60.0  # never wait longer than this for start_at (a coordinator with a wrong clock)
+SYNC_REPLY_S = 5.0  # how long a joiner waits for one member's state (a few MB over one stream)
+MAX_WAITING_JOINERS = 64  # requests held until our first step ends (more are dropped: they ask again)
 
 
 @dataclass
@@ -91,12 +117,12 @@ class PeerRunConfig:
     join_timeout: float = 120.0  # how long to wait for the genesis / for min_peers
     host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
     announce_maddrs: list[str] | None = None
-    audit_parts: bool = (
-        False  # also log gradient/aggregate parts (big: ~2·d floats per step) in the audit log
-    )
-    crash_at: tuple[int, Phase] | None = (
-        None  # fault injection: SIGKILL this process on reaching (step, phase)
-    )
+    audit_parts: bool = False  # also log gradient/aggregate parts (~2·d floats per step) in the audit log
+    # Late joiner: download x^t and the optimizer state from a member, check H(x^t) against the majority of
+    # the step's signed GRAD_COMMITs, save it as a checkpoint and stop. Entering the run needs protocol support
+    # for admitting members, which does not exist yet (see the module docstring).
+    sync_only: bool = False
+    crash_at: tuple[int, Phase] | None = None  # fault injection: SIGKILL itself on reaching (step, phase)
 
     def __post_init__(self) -> None:
         finite_timeout(self.phase_timeout)
@@ -104,6 +130,8 @@ class PeerRunConfig:
             raise ValueError("min_peers must be >= 1, steps and validators >= 0")
         if self.checkpoint_every < 0 or self.eval_every < 0:
             raise ValueError("checkpoint_every and eval_every must be >= 0")
+        if self.sync_only and not self.initial_peers:
+            raise ValueError("a late joiner (sync_only) needs initial_peers")
 
     @property
     def is_coordinator(self) -> bool:
@@ -116,7 +144,8 @@ class PeerRunConfig:
 
 @dataclass
 class PeerOutcome:
-    """How a peer's run ended. status: finished, banned, excluded, not-a-member or diverged."""
+    """How a peer's run ended. status: finished, synced (late joiner), banned, excluded, not-a-member or
+    diverged (most members committed another H(x^t))."""
 
     status: str
     step: int
@@ -124,6 +153,19 @@ class PeerOutcome:
     reason: str = ""
     checkpoint: str | None = None
     accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class _Served:
+    """The start state of our last finished step, with its signed commitments: what a joiner downloads."""
+
+    step: int
+    params: torch.Tensor
+    optimizer: dict[str, torch.Tensor]
+    r_prev: bytes
+    members: tuple[bytes, ...]
+    validators: tuple[tuple[bytes, bytes], ...]
+    commits: tuple[bytes, ...]
 
 
 class _AuditFilter:
@@ -136,10 +178,9 @@ class _AuditFilter:
         self.parts = parts
 
     def __call__(self, kind: str, obj: object) -> None:
-        if kind == "msg" and not self.parts and isinstance(obj, Signed):
-            if obj.msg.kind in (Kind.GRAD_PART, Kind.AGG_PART):
-                return
-        self.log(kind, obj)
+        bulky = isinstance(obj, Signed) and obj.msg.kind in (Kind.GRAD_PART, Kind.AGG_PART)
+        if not (kind == "msg" and bulky and not self.parts):
+            self.log(kind, obj)
 
 
 class SwarmPeer:
@@ -166,6 +207,13 @@ class SwarmPeer:
         self._genesis_raw: bytes | None = None
         self._boot_transport_id: bytes | None = None
         self._evals: set[asyncio.Task] = set()
+        self._warmed_up = False
+        self._served: _Served | None = None  # what a joiner gets: our last step's start state
+        self._served_to: dict[bytes, int] = {}  # requester -> step last served (one answer per step each)
+        self._waiting_joiners: set[bytes] = set()  # asked before we had finished a step
+        self._state: asyncio.Future[State] | None = None
+        # Only a joiner accepts a STATE, and only as large as its model and optimizer state (+ commits).
+        self._max_state_bytes = 16 * self.task.dim + (1 << 20) if config.sync_only else 0
         self.gradient_attack: GradientAttack | None = None
         self.behaviour: Behaviour | None = None
         self._schedule = AttackSchedule(start=config.attack_start)
@@ -174,10 +222,12 @@ class SwarmPeer:
             for o, s in zip(self.task.layout.offsets, self.task.layout.shapes)
         )
         if config.attack:
-            attack = get_attack(config.attack, **config.attack_params)
-            if attack.kind == AttackKind.PROTOCOL:
-                self.behaviour = get_attack(config.attack, start=config.attack_start, **config.attack_params)  # type: ignore[assignment]
-            else:
+            if resolve_attack(config.attack).kind == AttackKind.PROTOCOL:  # a Behaviour of the BtardPeer
+                behaviour = get_attack(config.attack, start=config.attack_start, **config.attack_params)
+                assert isinstance(behaviour, Behaviour)
+                self.behaviour = behaviour
+            else:  # it replaces the vector this peer sends (see `_work`)
+                attack = get_attack(config.attack, **config.attack_params)
                 assert isinstance(attack, GradientAttack)
                 if attack.needs_honest_gradients:
                     raise ValueError(
@@ -206,7 +256,8 @@ class SwarmPeer:
     async def run(self) -> PeerOutcome:
         from btard.transport.p2p import P2PConfig, P2PTransport  # imports hivemind: only when a peer runs
 
-        await asyncio.to_thread(self._warm_up)
+        if not self._warmed_up:
+            await asyncio.to_thread(self.warm_up)
         transport = await P2PTransport.create(
             P2PConfig(
                 initial_peers=list(self.cfg.initial_peers),
@@ -216,12 +267,14 @@ class SwarmPeer:
             protocol_id=self.me,
             sign=self.identity.sign,
         )
-        metrics = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed below
+        # A resumed run appends to its metrics and starts a new audit log (each log verifies on its own).
+        metrics = open(self.run_dir / "metrics.jsonl", "a" if self.ckpt else "w")  # noqa: SIM115 - closed below
         audit_log: AuditLog | None = None
         self.driver = ProtocolDriver(transport, on_other=self._on_control, on_phase=self._on_phase)
         try:
             self.driver.start()
-            await transport.announce(self.cfg.run_name)
+            if not self.cfg.sync_only:  # a joiner stays out of the member list
+                await transport.announce(self.cfg.run_name)
             self._emit(
                 "listening",
                 protocol_id=self.me.hex(),
@@ -230,6 +283,8 @@ class SwarmPeer:
                 client_socket=_client_socket(transport),
                 coordinator=self.cfg.is_coordinator,
             )
+            if self.cfg.sync_only:
+                return await self._sync(transport)
             genesis = await (
                 self._coordinate(transport) if self.cfg.is_coordinator else self._follow(transport)
             )
@@ -237,7 +292,8 @@ class SwarmPeer:
                 return self._outcome(
                     "not-a-member", "the run started without this peer (late joining is not implemented)"
                 )
-            audit_log = AuditLog(self.identity, path=self.run_dir / "audit.jsonl")
+            name = f"audit-from-step-{genesis.step}.jsonl" if self.ckpt else "audit.jsonl"
+            audit_log = AuditLog(self.identity, path=self.run_dir / name)
             self.peer = BtardPeer(
                 self.identity,
                 genesis.protocol_config(),
@@ -249,7 +305,6 @@ class SwarmPeer:
                 validators=dict(genesis.validators),
                 audit=_AuditFilter(audit_log, self.cfg.audit_parts),
             )
-            self.genesis = genesis
             self._emit(
                 "genesis",
                 step=genesis.step,
@@ -259,6 +314,10 @@ class SwarmPeer:
                 coordinator=short_id(genesis.coordinator),
             )
             self.driver.attach(self.peer)
+            for m in genesis.members:
+                if m != self.me:
+                    self.driver.send(m, PING)
+            await asyncio.sleep(min(max(genesis.start_at - time.time(), 0.0), MAX_START_WAIT_S))
             return await self._train(metrics)
         finally:
             for t in self._evals:
@@ -270,10 +329,12 @@ class SwarmPeer:
             if audit_log is not None:
                 audit_log.close()
 
-    def _warm_up(self) -> None:
-        """Load the data and run the model once before joining, so the first step is not late."""
+    def warm_up(self) -> None:
+        """Load the data and run the model once before joining, so the first step is not late (`run` does it
+        if the caller did not)."""
         with self._lock:
             self.task.compute_gradient(self.params, digest("warm-up", self.me))
+        self._warmed_up = True
 
     # ------------------------------------------------------------------ bootstrap
     def _allowed(self, pid: bytes) -> bool:
@@ -283,10 +344,17 @@ class SwarmPeer:
         if not is_control(incoming.payload):
             return
         try:
-            msg = decode_control(incoming.payload)
+            msg = decode_control(incoming.payload, self._max_state_bytes)
         except ControlError:
             return
-        if isinstance(msg, Hello):
+        if msg is None:
+            return  # a PING: the transport's acknowledgement is the answer
+        if isinstance(msg, StateRequest):
+            self._serve_state(msg)
+        elif isinstance(msg, State):
+            if self._state is not None and not self._state.done():
+                self._state.set_result(msg)
+        elif isinstance(msg, Hello):
             if (
                 self._genesis_raw is not None
                 and msg.run_name == self.cfg.run_name
@@ -340,6 +408,7 @@ class SwarmPeer:
                 validators=tuple(sorted(ckpt.validators.items())),
                 phase_timeout=ckpt.phase_timeout,
                 num_validators=ckpt.num_validators,
+                start_at=time.time() + START_DELAY_S,
             )
         else:
             g = Genesis(
@@ -355,6 +424,7 @@ class SwarmPeer:
                 validators=(),
                 phase_timeout=float(cfg.phase_timeout),
                 num_validators=cfg.validators,
+                start_at=time.time() + START_DELAY_S,
             )
         self._genesis_raw = encode_genesis(g, self.identity)
         assert self.driver is not None
@@ -475,10 +545,18 @@ class SwarmPeer:
             grad_s = time.monotonic() - start
             x_hash = params_digest(self.params)
             role = "validator" if peer.is_validator else "contributor"
+            r_prev, validators = peer.r_prev, tuple(sorted(peer.validators.items()))
             result, timing = await driver.run_step(x_hash, grad)
             disagree = _commit_disagreement(peer, x_hash)
+            commits = tuple(s.raw for (kind, _, _), s in peer.slots.items() if kind == Kind.GRAD_COMMIT)
+            opt_state = self.opt.state_dict()
+            self._served = _Served(t, self.params, opt_state, r_prev, result.members, validators, commits)
+            for joiner in self._waiting_joiners:
+                self._serve_state(StateRequest(cfg.run_name, joiner))
+            self._waiting_joiners.clear()
             self.params = self.opt.step(self.params, result.aggregate, t)
             record = _step_record(result, timing, loss, role, grad_s, time.monotonic() - start, disagree)
+            record["params_hash"] = x_hash.hex()
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             self._emit("step", **record)
@@ -504,6 +582,96 @@ class SwarmPeer:
         if status == "finished" and cfg.eval_final:
             accuracy = (await self._evaluate(self.params, peer.step, None))["accuracy"]
         return self._outcome(status, reason, ckpt_dir, accuracy)
+
+    # ------------------------------------------------------------------ late joiners
+    def _serve_state(self, req: StateRequest) -> None:
+        """Send our last step's state to a joiner (after our first step if we have none yet)."""
+        if req.run_name != self.cfg.run_name or not self._allowed(req.protocol_id):
+            return
+        served, peer = self._served, self.peer
+        if served is None or peer is None:
+            if len(self._waiting_joiners) < MAX_WAITING_JOINERS:
+                self._waiting_joiners.add(req.protocol_id)
+            return
+        if self._served_to.get(req.protocol_id) == served.step:
+            return  # answered for this step already: a requester cannot make us send the model in a loop
+        self._served_to[req.protocol_id] = served.step
+        opt = sorted(served.optimizer.items())
+        state = State(
+            server=self.me,
+            run_id=peer.cfg.run_id,
+            step=served.step,
+            r_prev=served.r_prev,
+            members=served.members,
+            validators=served.validators,
+            params=served.params.numpy().tobytes(),
+            optimizer=tuple((k, tuple(v.shape), v.numpy().tobytes()) for k, v in opt),
+            commits=served.commits,
+            phase_timeout=peer.cfg.phase_timeout,
+            num_validators=peer.cfg.validators,
+        )
+        assert self.driver is not None
+        self.driver.send(req.protocol_id, encode_state(state, self.identity))
+
+    async def _sync(self, transport) -> PeerOutcome:
+        """Late joiner: ask members (the bootstrap peer first) for their state until one verifies."""
+        from hivemind.p2p import PeerID
+
+        cfg, driver = self.cfg, self.driver
+        assert driver is not None
+        boot = PeerID.from_base58(cfg.initial_peers[0].rsplit("/p2p/", 1)[-1]).to_bytes()
+        deadline = time.monotonic() + cfg.join_timeout
+        while time.monotonic() < deadline:
+            records = await transport.list_peers(cfg.run_name)
+            for r in sorted(records, key=lambda r: (r.transport_id != boot, r.protocol_id)):
+                if not self._allowed(r.protocol_id):
+                    continue
+                self._state = asyncio.get_running_loop().create_future()
+                driver.send(r.protocol_id, encode_state_request(cfg.run_name, self.me))
+                try:
+                    state = await asyncio.wait_for(self._state, SYNC_REPLY_S)
+                    ckpt, backers = self._accept_state(state)
+                except TimeoutError:
+                    continue
+                except (ControlError, ValueError) as e:
+                    self._emit("state-rejected", server=short_id(r.protocol_id), reason=str(e))
+                    continue
+                self.params, self.opt = ckpt.params, self.task.make_optimizer()
+                self.opt.load_state_dict(ckpt.optimizer)
+                path = save_checkpoint(ckpt, self.run_dir / "checkpoints")
+                n = len(ckpt.members)
+                reason = (
+                    f"x^{ckpt.step} from {short_id(state.server)}, committed by {len(backers)} of {n} members"
+                )
+                self.ckpt = ckpt
+                return self._outcome("synced", reason, str(path))
+            await asyncio.sleep(HELLO_INTERVAL_S)  # nobody has finished a step yet
+        raise TimeoutError(f"no member served a verifiable state within {cfg.join_timeout} s")
+
+    def _accept_state(self, state: State) -> tuple[Checkpoint, list[bytes]]:
+        if len(state.params) != 4 * self.task.dim:
+            raise ValueError(f"state has {len(state.params) // 4} parameters, the task {self.task.dim}")
+        params = torch.frombuffer(bytearray(state.params), dtype=torch.float32)
+        backers = verify_state(state, params_digest(params))
+        optimizer = {
+            k: torch.frombuffer(bytearray(raw), dtype=torch.float32).reshape(shape)
+            for k, shape, raw in state.optimizer
+        }
+        self.task.make_optimizer().load_state_dict(optimizer)  # raises ValueError if it does not fit the task
+        ckpt = Checkpoint(
+            step=state.step,
+            params=params,
+            optimizer=optimizer,
+            r_prev=state.r_prev,
+            members=state.members,
+            validators=dict(state.validators),
+            run_id=state.run_id,
+            run_name=self.cfg.run_name,
+            task=self.cfg.task_spec(),
+            phase_timeout=state.phase_timeout,
+            num_validators=state.num_validators,
+        )
+        return ckpt, backers
 
     def _checkpoint(self) -> Checkpoint:
         peer = self.peer
@@ -570,6 +738,7 @@ def _step_record(
         "gradient_seconds": round(grad_s, 4),
         "protocol_seconds": round(timing.total, 4),
         "phases": timing.durations(),
+        "deadlines_hit": timing.deadlines,
         "bans": [
             {
                 "peer": short_id(v.banned),

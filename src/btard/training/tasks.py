@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from sklearn.datasets import load_digits
 from torch import Tensor
 
 from btard.training.augment import RandomCropFlip
@@ -131,6 +130,8 @@ class DigitsConfig:
 
 
 def _load_digits(cfg: DigitsConfig) -> TensorSplits:
+    from sklearn.datasets import load_digits  # imported on first use: sklearn takes ~1 s to import
+
     bunch = load_digits()
     x = torch.tensor(bunch.data, dtype=torch.float32) / 16.0
     y = torch.tensor(bunch.target, dtype=torch.int64)
