@@ -230,6 +230,7 @@ class BtardPeer:
         self._outbox: list[object] = []
         self._records: dict[int, _StepRecord] = {}
         self._buffer: dict[bytes, list[bytes]] = defaultdict(list)
+        self._prev: tuple[int, dict, dict] | None = None  # the last finished step's messages, to answer pulls
         self.rejected = 0
         self._contrib_key: tuple | None = None
         self._contrib: tuple[bytes, ...] = ()
@@ -314,6 +315,9 @@ class BtardPeer:
             return
         if m.sender not in self.members or m.sender in self.banned:
             self._reject("sender is not an active member")
+            return
+        if m.kind == Kind.PULL and self._prev is not None and m.step == self._prev[0]:
+            self._answer_old_pull(m)  # a slower peer still finishing the previous step
             return
         if m.step != self.step or self.phase in (Phase.IDLE, Phase.DONE):
             if m.step == self.step + (0 if self.phase == Phase.IDLE else 1):
@@ -528,6 +532,17 @@ class BtardPeer:
     @staticmethod
     def _slot_key(kind: int, origin: bytes, idx: int) -> tuple:
         return (Kind(kind), origin, idx)
+
+    def _answer_old_pull(self, m: Pull) -> None:
+        _, slots, public = self._prev
+        if m.want_kind == Kind.ACCUSE:
+            item = public.get(m.origin)
+        elif m.want_kind in _KIND_VALUES:
+            item = slots.get((Kind(m.want_kind), m.origin, m.index))
+        else:
+            item = None
+        if item is not None and self.behaviour.answers_pulls(self):
+            self._outbox.append(Send((m.sender,), item.raw))
 
     def _on_pull(self, m: Pull) -> None:
         if not self.behaviour.answers_pulls(self):
@@ -1151,6 +1166,7 @@ class BtardPeer:
             {p: s for (k, p, _), s in self.slots.items() if k == Kind.PROJ},
         )
         self._records.pop(self.step - 2, None)
+        self._prev = (self.step, self.slots, self._public_items())
         next_validators = choose_validators(
             next_members, [p for p in self.committed if p in next_members], self.r, self.cfg.validators
         )
