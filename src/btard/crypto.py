@@ -83,6 +83,11 @@ def bytes_digest(domain: str, run_id: bytes, step: int, sender: bytes, index: in
     return h.digest()
 
 
+def params_digest(params: torch.Tensor) -> bytes:
+    """H(x): the digest peers put in their GRAD_COMMIT (the raw float32 bytes of the flat parameters)."""
+    return digest("params", params.detach().contiguous().cpu().numpy().tobytes())
+
+
 def verify(public_key: bytes, message_digest: bytes, signature: bytes) -> bool:
     """True iff `signature` is a valid Ed25519 signature of `message_digest` by `public_key`."""
     if len(public_key) != PEER_ID_BYTES or len(signature) != SIGNATURE_BYTES:

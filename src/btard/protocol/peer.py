@@ -41,7 +41,7 @@ from btard.protocol.messages import (
     decode,
     encode,
 )
-from btard.protocol.state import BARRIER_KINDS, CONTENT_KINDS, NEXT_PHASE, PHASE_START, Phase
+from btard.protocol.state import BARRIER_KINDS, CONTENT_KINDS, PHASE_START, Phase
 
 GENESIS = digest("genesis")
 _KIND_VALUES = frozenset(int(k) for k in Kind)
@@ -1153,7 +1153,6 @@ class BtardPeer:
             if j not in missing_set:  # asked publicly, never re-sent: silent
                 excluded |= {p for p in self._publicly_pulled(j) if not self._resent(p, j)}
         excluded -= set(verdicts)
-        excluded.discard(self.id) if self.id not in excluded else None
         next_members = tuple(p for p in self.members if p not in verdicts and p not in excluded)
         self.banned |= set(verdicts)
 
@@ -1195,7 +1194,6 @@ class BtardPeer:
         self.r_prev = self.r
         self.validators = next_validators
         self.step += 1
-        _ = NEXT_PHASE  # the transition table documents this order
 
 
 def _mprng_commitment(peer: BtardPeer, sender: bytes, secret: bytes) -> bytes:

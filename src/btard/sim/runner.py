@@ -21,7 +21,7 @@ import torch
 from btard.aggregation import centered_clip, get_aggregator
 from btard.attacks.base import Attack, AttackContext, AttackKind, AttackSchedule, GradientAttack, apply_attack
 from btard.attacks.registry import get_attack
-from btard.crypto import Identity, digest, short_id
+from btard.crypto import Identity, digest, params_digest, short_id
 from btard.protocol.audit import AuditLog
 from btard.protocol.harness import Harness, build_peers
 from btard.protocol.peer import Behaviour, ProtocolConfig, StepResult
@@ -237,7 +237,7 @@ class Simulator:
         contributors = [p for p, peer in h.peers.items() if not peer.is_validator]
         grads, attack_active = self._gradients(step, contributors)
         inputs = {p: (grads.get(p) if not h.peers[p].is_validator else None) for p in h.peers}
-        params_hash = digest("params", self.params.numpy().tobytes())
+        params_hash = params_digest(self.params)
         results = h.run_step(inputs, params_hash)
         honest = [results[p] for p in h.peers if p not in self.byzantine and p in results]
         ref: StepResult = honest[0]

@@ -24,16 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from btard.crypto import digest
+from btard.crypto import digest, params_digest
 
 FORMAT = "btard-swarm-checkpoint/1"
 _KEY = re.compile(r"[A-Za-z0-9_]{1,64}")
 _DIR = re.compile(r"step_(\d{8,})")
-
-
-def params_digest(params: torch.Tensor) -> bytes:
-    """H(x): the digest peers put in their GRAD_COMMIT (the raw float32 bytes of the flat parameters)."""
-    return digest("params", params.detach().contiguous().numpy().tobytes())
 
 
 @dataclass(frozen=True)

@@ -51,12 +51,12 @@ import torch
 
 from btard.attacks.base import AttackContext, AttackKind, AttackSchedule, GradientAttack, apply_attack
 from btard.attacks.registry import get_attack, resolve_attack
-from btard.crypto import Identity, digest, short_id
+from btard.crypto import Identity, digest, params_digest, short_id
 from btard.protocol.audit import AuditLog
 from btard.protocol.messages import Kind, Signed
 from btard.protocol.peer import GENESIS, Behaviour, BtardPeer, StepResult
 from btard.protocol.state import Phase
-from btard.swarm.checkpoint import Checkpoint, load_checkpoint, params_digest, save_checkpoint
+from btard.swarm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from btard.swarm.control import (
     PING,
     ControlError,
