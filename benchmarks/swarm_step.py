@@ -146,6 +146,7 @@ class BenchPeer:
             await self.barrier(10**6)  # everyone is connected to peer 0 before round 0
             times: dict[str, list[float]] = {"butterfly": [], "btard": []}
             sent: dict[str, list[int]] = {"butterfly": [], "btard": []}
+            phases: list[dict[str, float]] = []
             for rnd in range(rounds):
                 for mode in ("butterfly", "btard"):
                     seq = 2 * rnd + (mode == "btard")
@@ -156,12 +157,13 @@ class BenchPeer:
                     if mode == "butterfly":
                         await self.butterfly(seq, g)
                     else:
-                        await self.driver.run_step(b"p" * 32, None if peer.is_validator else g)
+                        _, timing = await self.driver.run_step(b"p" * 32, None if peer.is_validator else g)
+                        phases.append(timing.durations())
                     times[mode].append(time.monotonic() - start)
                     sent[mode].append(self.driver.outbox.queued_bytes - before)
             await self.barrier(10**6 + 1)  # nobody closes while others still need its messages
             await self.driver.close()
-            return {"times": times, "sent_bytes": sent}
+            return {"times": times, "sent_bytes": sent, "phases": phases}
         finally:
             await transport.close()
 
@@ -235,6 +237,12 @@ def measure(n: int, dim: int, rounds: int, validators: int, phase_timeout: float
             "sent_bytes_per_peer": statistics.mean(sent),
         }
     row["ratio"] = row["btard"]["median_s"] / row["butterfly"]["median_s"]
+    # Where a BTARD step's time goes: seconds in each phase, median over peers and rounds.
+    names = {name for r in results for ph in r["phases"] for name in ph}
+    row["btard"]["phase_median_s"] = {
+        name: statistics.median(ph[name] for r in results for ph in r["phases"] if name in ph)
+        for name in sorted(names)
+    }
     return row
 
 
@@ -262,6 +270,10 @@ def main() -> None:
             f"{n:>3} {args.dim:>8} | {b['median_s']:>11.3f} {t['median_s']:>9.3f} {row['ratio']:>6.2f} | "
             f"{b['sent_bytes_per_peer'] / 1e6:>12.3f} {t['sent_bytes_per_peer'] / 1e6:>13.3f}",
             flush=True,
+        )
+        print(
+            "    BTARD phases (median s): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in t["phase_median_s"].items())
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

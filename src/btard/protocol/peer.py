@@ -48,6 +48,9 @@ _KIND_VALUES = frozenset(int(k) for k in Kind)
 # A peer buffers messages of the next step only (peers finish a step at slightly different times); at most
 # this many per sender, which covers every message an honest peer sends in one step for n ≤ 1024.
 MAX_BUFFERED_PER_SENDER = 64
+# An aggregated part listed by a digest but missing here is pulled this many phase timeouts after the listing
+# (at once when its aggregator's own digest already came): see `BtardPeer._part_pull_due`.
+PART_PULL_GRACE = 0.25
 
 GradientOracle = Callable[[int, bytes], torch.Tensor]
 """(step, peer id) -> the gradient that peer must have computed at that step (from public data)."""
@@ -266,6 +269,11 @@ class BtardPeer:
                 cands.append(b.retry_at)
         if self.phase == Phase.SCATTER and self._scatter_deadlines:
             cands.append(self._scatter_deadlines[-1])
+        for (origin, idx), (first, holders) in self._part_wants.items():
+            if (Kind.AGG_PART, origin, idx) not in self.slots and any(
+                (Kind.AGG_PART, origin, idx, h) not in self._pulled for h in holders
+            ):
+                cands.append(self._part_pull_due(origin, first))
         return min(cands) if cands else None
 
     def begin_step(self, now: float, params_hash: bytes, gradient: torch.Tensor | None) -> None:
@@ -354,6 +362,8 @@ class BtardPeer:
         self._digests_from: set[tuple[bytes, int]] = set()  # (sender, kind) of digests this step
         # digests of messages pulled and not yet received -> (kind, origin, index) to pull them again
         self._awaiting: dict[bytes, tuple[int, bytes, int]] = {}
+        # Aggregated parts listed in others' digests that we lack: (aggregator, part) -> (first seen, holders).
+        self._part_wants: dict[tuple[bytes, int], tuple[float, set[bytes]]] = {}
         self._seen: set[bytes] = set()  # digests of every message handled this step
         self.gradient: torch.Tensor | None = None
         self.params_hash = b""
@@ -436,7 +446,8 @@ class BtardPeer:
         m = s.msg
         self._seen.add(s.msg_digest)
         if m.kind == Kind.DIGEST:
-            self._on_digest(s)
+            self._on_digest(s, now)
+            self._pull_parts(now)
             return
         if m.kind == Kind.PULL:
             if m.want_kind not in _KIND_VALUES:
@@ -488,7 +499,7 @@ class BtardPeer:
             return agg == m.sender if agg is not None else m.sender in contributors
         return True
 
-    def _on_digest(self, s: Signed) -> None:
+    def _on_digest(self, s: Signed, now: float) -> None:
         m: Digest = s.msg
         try:
             kind = Kind(m.of_kind)
@@ -511,11 +522,9 @@ class BtardPeer:
                 self._pulled.add((kind, origin, idx, h, m.sender))
                 self._awaiting[h] = (int(kind), origin, idx)
                 self._send_to(m.sender, Pull(self.cfg.run_id, self.step, self.id, m.of_kind, origin, idx))
-            part_key = (Kind.AGG_PART, origin, idx, m.sender)
-            if kind == Kind.AGG_COMMIT and part_key[:3] not in self.slots and part_key not in self._pulled:
-                self._pulled.add(part_key)
-                pull = Pull(self.cfg.run_id, self.step, self.id, int(Kind.AGG_PART), origin, idx)
-                self._send_to(m.sender, pull)
+            if kind == Kind.AGG_COMMIT and (Kind.AGG_PART, origin, idx) not in self.slots:
+                first, holders = self._part_wants.setdefault((origin, idx), (now, set()))
+                holders.add(m.sender)
         # Public re-send: whatever of mine the digest's sender lacks, it gets again.
         if m.sender in self.members:
             if kind == Kind.ACCUSE:
@@ -525,6 +534,26 @@ class BtardPeer:
             for key, own in mine.items():
                 if key not in listed:
                     self._outbox.append(Send((m.sender,), own.raw))
+
+    def _part_pull_due(self, origin: bytes, first: float) -> float:
+        """When to pull an aggregated part that a digest listed and we lack. Parts are large, and the one on
+        its way from its aggregator usually arrives soon after a faster peer's digest, so pulling at once would
+        move it twice. Pull once its aggregator's own digest came (FIFO per link: it did not send it to us) or
+        a quarter of the phase timeout after the first listing, whichever is first."""
+        if (origin, int(Kind.AGG_COMMIT)) in self._digests_from:
+            return first
+        return first + PART_PULL_GRACE * self.cfg.phase_timeout
+
+    def _pull_parts(self, now: float) -> None:
+        for (origin, idx), (first, holders) in list(self._part_wants.items()):
+            if (Kind.AGG_PART, origin, idx) in self.slots:
+                del self._part_wants[(origin, idx)]
+            elif now >= self._part_pull_due(origin, first):
+                for holder in sorted(holders):
+                    if (Kind.AGG_PART, origin, idx, holder) not in self._pulled:
+                        self._pulled.add((Kind.AGG_PART, origin, idx, holder))
+                        pull = Pull(self.cfg.run_id, self.step, self.id, int(Kind.AGG_PART), origin, idx)
+                        self._send_to(holder, pull)
 
     def _public_items(self) -> dict[bytes, Signed]:
         return {**self.accusations, **self.public}
@@ -660,6 +689,8 @@ class BtardPeer:
 
     def _step_phase(self, now: float) -> None:
         ph = self.phase
+        if self._part_wants:
+            self._pull_parts(now)
         if ph == Phase.SCATTER:
             self._scatter_progress(now)
             return
