@@ -34,7 +34,10 @@ class Swarm:
         peers = self.harness.peers
         any_peer = next(iter(peers.values()))
         t = any_peer.step
-        grads = {pid: (None if p.is_validator else self.gradient(t, pid)) for pid, p in peers.items()}
+        grads = {
+            pid: (None if p.is_validator or p.is_observer else self.gradient(t, pid))
+            for pid, p in peers.items()
+        }
         self.grads[t] = grads
         return self.harness.run_step(grads, params_hash)
 

@@ -68,6 +68,7 @@ class Kind(enum.IntEnum):
     ACCUSE = 8
     DIGEST = 9
     PULL = 10
+    JOIN = 11
 
 
 class Reason(enum.IntEnum):
@@ -409,6 +410,22 @@ class Pull(Message):
         return (self.kind, self.sender, (self.want_kind, self.origin, self.index, self.public))
 
 
+@dataclass(frozen=True)
+class Join(Message):
+    """A peer outside the run asks to join it; signed by the joiner (not yet a member). Members keep JOINs
+    with the step's public items, so the ACCUSE-phase digest exchange makes every honest member admit the
+    same joiners (see `BtardPeer._finish`)."""
+
+    kind: ClassVar[Kind] = Kind.JOIN
+
+    def body_fields(self) -> list:
+        return []
+
+    @classmethod
+    def from_fields(cls, h: Header, f: list, limits: Limits) -> Join:
+        return cls(h.run_id, h.step, h.sender)
+
+
 _BODY_LEN = {
     GradCommit: 2,
     GradPart: 2,
@@ -420,6 +437,7 @@ _BODY_LEN = {
     Accuse: 5,
     Digest: 2,
     Pull: 4,
+    Join: 0,
 }
 MESSAGE_TYPES: dict[Kind, type[Message]] = {cls.kind: cls for cls in _BODY_LEN}
 

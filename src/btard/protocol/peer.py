@@ -73,12 +73,18 @@ class ProtocolConfig:
     validation_mode: str = "tolerance"  # or "exact": compare hashes (homogeneous, bit-exact swarms)
     phase_timeout: float = 2.0
     limits: Limits = field(default_factory=Limits)
+    # Joining: at most this many new peers admitted per step (0 closes the run), each observing its first
+    # step as a member, then contributing on probation (validated, not aggregated) for `probation_steps` steps.
+    max_joins_per_step: int = 2
+    probation_steps: int = 2
 
     def __post_init__(self) -> None:
         if len(self.run_id) != 16:
             raise LocalProtocolError("run_id must be 16 bytes")
         if self.validation_mode not in ("tolerance", "exact"):
             raise LocalProtocolError("validation_mode is 'tolerance' or 'exact'")
+        if self.max_joins_per_step < 0 or self.probation_steps < 0:
+            raise LocalProtocolError("max_joins_per_step and probation_steps must be ≥ 0")
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,9 @@ class StepResult:
     clip_iterations: int
     clipped: int
     rejected_messages: int
+    joined: tuple[bytes, ...] = ()  # admitted this step: members of the next step, observers in it
+    probation: dict[bytes, int] = field(default_factory=dict)  # peer -> last step of its probation
+    partitioned: bool = False  # this peer kept at most half of the members: it is the one cut off, stop
 
 
 @dataclass
@@ -212,6 +221,9 @@ class BtardPeer:
         projection_cache: checks.ProjectionCache | None = None,
         decode_cache: DecodeCache | None = None,
         audit: Callable[[str, object], None] | None = None,
+        observers: Sequence[bytes] = (),
+        probation: dict[bytes, int] | None = None,
+        admit: Callable[[bytes], bool] | None = None,
     ) -> None:
         self.identity = identity
         self.id = identity.peer_id
@@ -224,6 +236,11 @@ class BtardPeer:
         self.step = start_step
         self.r_prev = r_prev
         self.validators: dict[bytes, bytes] = dict(validators or {})
+        # Joiners in their first step as members: they receive and take part in the MPRNG, but neither commit
+        # nor validate (they are still fetching the state). Then on probation until (inclusive) the given step.
+        self.observers: frozenset[bytes] = frozenset(observers)
+        self.probation: dict[bytes, int] = dict(probation or {})
+        self._admit = admit or (lambda pid: True)
         self.banned: set[bytes] = set()
         self.phase = Phase.IDLE
         self._secret_source = secret_source
@@ -246,12 +263,28 @@ class BtardPeer:
 
     @property
     def contributors(self) -> tuple[bytes, ...]:
-        """Members that contribute a gradient this step (all but the validators)."""
-        key = (self.members, tuple(self.validators))
+        """Members that commit a gradient this step (all but the validators and the observers)."""
+        key = (self.members, tuple(self.validators), self.observers)
         if self._contrib_key != key:
             self._contrib_key = key
-            self._contrib = tuple(p for p in self.members if p not in self.validators)
+            self._contrib = tuple(
+                p for p in self.members if p not in self.validators and p not in self.observers
+            )
         return self._contrib
+
+    def on_probation(self, pid: bytes) -> bool:
+        """Whether `pid` is on probation this step: it commits, projects and is validated, but sends no parts
+        and aggregates none."""
+        return self.probation.get(pid, -1) >= self.step
+
+    @property
+    def aggregating(self) -> tuple[bytes, ...]:
+        """Contributors whose gradients are aggregated this step (and who aggregate): not on probation."""
+        return tuple(p for p in self.contributors if not self.on_probation(p))
+
+    @property
+    def is_observer(self) -> bool:
+        return self.id in self.observers
 
     def events(self) -> list[object]:
         out, self._outbox = self._outbox, []
@@ -280,14 +313,16 @@ class BtardPeer:
         """Start step `self.step`. Contributors pass their gradient; validators pass None."""
         if self.phase not in (Phase.IDLE,):
             raise LocalProtocolError(f"begin_step in phase {self.phase.name}")
-        if self.is_validator != (gradient is None):
-            raise LocalProtocolError("validators pass gradient=None, contributors pass their gradient")
+        if (self.is_validator or self.is_observer) != (gradient is None):
+            raise LocalProtocolError(
+                "validators and observers pass gradient=None, contributors pass their gradient"
+            )
         self._reset_step_state()
         self._t0 = now
         self.params_hash = params_hash
-        n = len(self.contributors)
-        self.bounds = checks.part_bounds(self.cfg.dim, n)
-        self.order = checks.part_order(self.contributors, self.r_prev)
+        n = len(self.aggregating)
+        self.bounds = checks.part_bounds(self.cfg.dim, max(n, 1))
+        self.order = checks.part_order(self.aggregating, self.r_prev)
         if gradient is not None:
             g = self.behaviour.gradient(self, gradient.detach().to(torch.float32).reshape(-1))
             if g.numel() != self.cfg.dim:
@@ -321,6 +356,10 @@ class BtardPeer:
         if m.run_id != self.cfg.run_id:
             self._reject("wrong run id (replay from another run?)")
             return
+        if m.kind == Kind.JOIN:
+            self._on_join(s)
+            self._advance(now)
+            return
         if m.sender not in self.members or m.sender in self.banned:
             self._reject("sender is not an active member")
             return
@@ -344,6 +383,25 @@ class BtardPeer:
 
     def tick(self, now: float) -> None:
         self._advance(now)
+
+    def _on_join(self, s: Signed) -> None:
+        """Keep a fresh JOIN of an admissible outsider with this step's public items (bounded). Between
+        steps it is dropped: the joiner re-sends until it is admitted."""
+        m = s.msg
+        if m.sender in self.members or m.sender in self.banned or not self._admit(m.sender):
+            self._reject("join from a member, a banned or a not admitted peer")
+            return
+        if not self.step - 2 <= m.step <= self.step + 1:
+            self._reject(f"join for step {m.step} during step {self.step} (stale or replayed)")
+            return
+        if s.msg_digest in self.public or self.phase in (Phase.IDLE, Phase.DONE):
+            return
+        if sum(1 for x in self.public.values() if x.msg.kind == Kind.JOIN) >= self.cfg.limits.max_peers:
+            self._reject("too many joins this step")
+            return
+        self._seen.add(s.msg_digest)
+        self.public[s.msg_digest] = s
+        self._audit("msg", s)
 
     # ------------------------------------------------------------------ step state
     def _reset_step_state(self) -> None:
@@ -490,6 +548,8 @@ class BtardPeer:
         contributors = self.contributors
         if m.kind in (Kind.GRAD_COMMIT, Kind.PROJ, Kind.GRAD_PART):
             if m.sender not in contributors:
+                return False
+            if m.kind == Kind.GRAD_PART and self.on_probation(m.sender):
                 return False
             return m.kind != Kind.GRAD_PART or 0 <= m.part < len(self.bounds)
         if m.kind in (Kind.AGG_COMMIT, Kind.AGG_PART):
@@ -774,7 +834,7 @@ class BtardPeer:
                         break
 
     def _send_parts(self) -> None:
-        if self.gradient is None or self.id not in self.committed:
+        if self.gradient is None or self.id not in self.committed or self.on_probation(self.id):
             return
         for j, (a, b) in enumerate(self.bounds):
             dest = self.aggregators[j]
@@ -820,7 +880,7 @@ class BtardPeer:
     def _expected_senders(self, j: int) -> list[bytes]:
         """Whose part j the aggregator must include: committed senders not proven bad for part j."""
         bad = self._proven_bad_part(j)
-        return [p for p in self.committed if p not in bad]
+        return [p for p in self.committed if p not in bad and not self.on_probation(p)]
 
     def _declared(self, j: int) -> tuple[bytes, ...]:
         """The senders part j's aggregator declared it aggregated (from its AGG_COMMIT)."""
@@ -1184,8 +1244,16 @@ class BtardPeer:
             if j not in missing_set:  # asked publicly, never re-sent: silent
                 excluded |= {p for p in self._publicly_pulled(j) if not self._resent(p, j)}
         excluded -= set(verdicts)
-        next_members = tuple(p for p in self.members if p not in verdicts and p not in excluded)
+        survivors = tuple(p for p in self.members if p not in verdicts and p not in excluded)
         self.banned |= set(verdicts)
+        # An honest majority never loses half of the members in one step; a peer that sees it happen is the
+        # one cut off (its view is the minority's), so it must stop rather than train on alone.
+        partitioned = 2 * len(survivors) <= len(self.members)
+        joined = self._admitted(verdicts) if not partitioned else ()
+        next_members = tuple(sorted(survivors + joined))
+        probation = {p: s for p, s in self.probation.items() if s > self.step and p in next_members}
+        for p in joined:
+            probation[p] = self.step + 1 + self.cfg.probation_steps  # observe step t+1, then contribute
 
         self._records[self.step] = _StepRecord(
             self.step,
@@ -1197,8 +1265,13 @@ class BtardPeer:
         )
         self._records.pop(self.step - 2, None)
         self._prev = (self.step, self.slots, self._public_items())
+        pool = [p for p in next_members if p not in joined and probation.get(p, -1) <= self.step]
         next_validators = choose_validators(
-            next_members, [p for p in self.committed if p in next_members], self.r, self.cfg.validators
+            pool,
+            [p for p in self.committed if p in next_members],
+            self.r,
+            self.cfg.validators,
+            priority=[p for p in self.committed if self.on_probation(p)],
         )
         result = StepResult(
             step=self.step,
@@ -1215,16 +1288,35 @@ class BtardPeer:
             clip_iterations=self._clip_iters,
             clipped=self._clipped,
             rejected_messages=self.rejected,
+            joined=joined,
+            probation=dict(probation),
+            partitioned=partitioned,
         )
         self._audit("step", result)
         self._outbox.append(result)
         # Advance to the next step (membership, shared randomness, validator roles).
         self.phase = Phase.IDLE
-        if self.id in next_members:
+        if self.id in next_members and not partitioned:
             self.members = next_members
         self.r_prev = self.r
         self.validators = next_validators
+        self.observers = frozenset(joined)
+        self.probation = probation
         self.step += 1
+
+    def _admitted(self, verdicts: dict[bytes, Verdict]) -> tuple[bytes, ...]:
+        """Joiners admitted at the end of this step: senders of the JOINs every honest member holds (the
+        ACCUSE digest exchange covered them), at most `max_joins_per_step`, in an order drawn from r."""
+        cands = {
+            s.msg.sender
+            for s in self.public.values()
+            if s.msg.kind == Kind.JOIN
+            and s.msg.sender not in self.members
+            and s.msg.sender not in self.banned
+            and s.msg.sender not in verdicts
+        }
+        ranked = sorted(cands, key=lambda p: digest("join", self.r, p))
+        return tuple(sorted(ranked[: self.cfg.max_joins_per_step]))
 
 
 def _mprng_commitment(peer: BtardPeer, sender: bytes, secret: bytes) -> bytes:
@@ -1232,18 +1324,34 @@ def _mprng_commitment(peer: BtardPeer, sender: bytes, secret: bytes) -> bytes:
 
 
 def choose_validators(
-    members: Sequence[bytes], candidates: Sequence[bytes], r: bytes, m: int
+    members: Sequence[bytes],
+    candidates: Sequence[bytes],
+    r: bytes,
+    m: int,
+    *,
+    priority: Sequence[bytes] = (),
 ) -> dict[bytes, bytes]:
     """m validators among `members` and a distinct target (≠ itself) for each among `candidates`, from r.
 
-    At most ⌊(len(members) − 1)/2⌋ validators, so contributors stay the majority of the next step.
+    Peers in `priority` (on probation) are each targeted by one validator before any random target is drawn,
+    and there is at least one validator while any is on probation. At most ⌊(len(members) − 1)/2⌋
+    validators, so contributors stay the majority of the next step.
     """
-    m = min(m, (len(members) - 1) // 2)
+    priority = [c for c in priority if c in candidates]
+    m = min(max(m, 1 if priority else 0), (len(members) - 1) // 2)
     if m <= 0 or not candidates:
         return {}
-    ranked = sorted(members, key=lambda p: digest("validator", r, p))[:m]
-    out = {}
+    ranked = sorted(members, key=lambda p: digest("validator", r, p))
+    out: dict[bytes, bytes] = {}
+    for c in sorted(priority, key=lambda c: digest("probation-target", r, c))[:m]:
+        v = next((v for v in ranked if v not in out and v != c), None)
+        if v is not None:
+            out[v] = c
     for v in ranked:
+        if len(out) >= m:
+            break
+        if v in out:
+            continue
         targets = sorted((c for c in candidates if c != v), key=lambda c: digest("target", r, v, c))
         if targets:
             out[v] = targets[0]
