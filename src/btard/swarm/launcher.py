@@ -39,6 +39,7 @@ class PeerRole:
     crash_at: str | None = None  # "STEP:PHASE": kill -9 itself there (fault injection)
     joiner: bool = False  # a late joiner: downloads and verifies the state from the members, then stops
     extra_args: list[str] = field(default_factory=list)  # more `btard peer` arguments for this peer
+    exec_prefix: list[str] = field(default_factory=list)  # runs the peer through it, e.g. `ip netns exec NS`
 
     @property
     def honest(self) -> bool:
@@ -125,7 +126,7 @@ class LocalSwarm:
         cfg, role = self.cfg, self.cfg.role(i)
         d = self.root / f"peer-{i:02d}"
         cmd = [
-            sys.executable, "-m", "btard.cli", "peer", "--json", "--stdin-lifeline",
+            *role.exec_prefix, sys.executable, "-m", "btard.cli", "peer", "--json", "--stdin-lifeline",
             "--task", cfg.task,
             "--run-name", cfg.run_name,
             "--run-dir", str(d),
