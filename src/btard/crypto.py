@@ -88,6 +88,17 @@ def params_digest(params: torch.Tensor) -> bytes:
     return digest("params", params.detach().contiguous().cpu().numpy().tobytes())
 
 
+def training_state_digest(params: torch.Tensor, optimizer_state: dict[str, torch.Tensor]) -> bytes:
+    """H(x, optimizer state): what swarm peers commit in GRAD_COMMIT, so a joiner can check both the parameters
+    and the optimizer state it downloads against what the majority committed. Keys are hashed in sorted
+    order with each tensor's dtype, shape and raw bytes."""
+    fields: list[Field] = [params_digest(params)]
+    for key in sorted(optimizer_state):
+        t = optimizer_state[key].detach().contiguous().cpu()
+        fields += [key, str(t.dtype), ",".join(map(str, t.shape)), t.numpy().tobytes()]
+    return digest("training-state", *fields)
+
+
 def verify(public_key: bytes, message_digest: bytes, signature: bytes) -> bool:
     """True iff `signature` is a valid Ed25519 signature of `message_digest` by `public_key`."""
     if len(public_key) != PEER_ID_BYTES or len(signature) != SIGNATURE_BYTES:

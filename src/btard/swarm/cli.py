@@ -17,7 +17,16 @@ import sys
 import threading
 from pathlib import Path
 
-EXIT_CODES = {"finished": 0, "synced": 0, "banned": 3, "excluded": 4, "not-a-member": 5, "diverged": 6}
+EXIT_CODES = {
+    "finished": 0,
+    "synced": 0,
+    "banned": 3,
+    "excluded": 4,
+    "not-a-member": 5,
+    "diverged": 6,
+    "partitioned": 8,
+    "state-rejected": 9,
+}
 EXIT_LAUNCHER_GONE = 7
 
 
@@ -110,8 +119,21 @@ def register(sub) -> None:
     p.add_argument(
         "--sync-only",
         action="store_true",
-        help="late joiner: download the state from a member, "
-        "verify H(x) against the members' commitments, save a checkpoint and stop",
+        help="download the state from a member, verify its hash against the members' commitments, "
+        "save a checkpoint and stop (without joining)",
+    )
+    p.add_argument(
+        "--join-at-step",
+        type=int,
+        default=None,
+        metavar="S",
+        help="stay out of the genesis and join the running swarm once it reached step S",
+    )
+    p.add_argument(
+        "--no-join",
+        action="store_true",
+        help="if the run started without this peer, stop (default: join it, observe one step, then "
+        "contribute on probation)",
     )
     p.add_argument("--json", action="store_true", help="print events as JSON lines")
     p.add_argument(
@@ -180,6 +202,8 @@ def _cmd_peer(args: argparse.Namespace) -> int:
             audit_parts=args.audit_parts,
             crash_at=args.crash_at,
             sync_only=args.sync_only,
+            join=not args.no_join,
+            join_at_step=args.join_at_step,
         )
         task = get_task(cfg.task, **cfg.task_overrides)
     except (ValueError, TypeError, OSError) as e:

@@ -10,7 +10,13 @@ every length bounded and no extension types; nothing is ever unpickled.
 - PING ``[]``: opens the connection to a member before the first step (the answer is the transport's ack).
 - STATE_REQUEST ``[run_name, protocol_id]`` and STATE ``[body, signature]``: a late joiner asks a member for
   x^t, the optimizer state and the signed GRAD_COMMITs of step t; it trusts x^t only if a majority of the
-  step's members committed H(x^t) (see :func:`verify_state`).
+  step's members committed H(x^t, optimizer state) (see :func:`verify_state`).
+- STATUS ``[run_name, protocol_id, step]``: a member's answer to HELLO once the run is going (the step it is
+  in), so a joiner can name a current step in its JOIN. Unsigned and advisory: a wrong step only gets that
+  JOIN refused as stale.
+- WELCOME ``[body, signature]``: a STATE sent unasked to a peer admitted at the end of step t: x^{t+1}, the
+  optimizer state, the members, validators, observers and probation of step t+1. The joiner checks it against
+  the GRAD_COMMITs of step t+1, which it receives itself as an observer of that step.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ class ControlKind(enum.IntEnum):
     PING = 3
     STATE_REQUEST = 4
     STATE = 5
+    STATUS = 6
+    WELCOME = 7
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,13 @@ class Hello:
 class StateRequest:
     run_name: str
     protocol_id: bytes
+
+
+@dataclass(frozen=True)
+class Status:
+    run_name: str
+    protocol_id: bytes
+    step: int
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,15 @@ class State:
     commits: tuple[bytes, ...]  # raw signed GRAD_COMMIT messages of step `step`
     phase_timeout: float
     num_validators: int
+    observers: tuple[bytes, ...] = ()  # WELCOME: the joiners admitted for step `step`
+    probation: tuple[tuple[bytes, int], ...] = ()  # WELCOME: (peer, last step on probation)
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """The state an admitted joiner starts from (see the module docstring)."""
+
+    state: State
 
 
 @dataclass(frozen=True)
@@ -149,7 +173,11 @@ def encode_state_request(run_name: str, protocol_id: bytes) -> bytes:
     return CONTROL_MAGIC + bytes([ControlKind.STATE_REQUEST]) + msgpack.packb([run_name, protocol_id])
 
 
-def encode_state(state: State, identity: Identity) -> bytes:
+def encode_status(run_name: str, protocol_id: bytes, step: int) -> bytes:
+    return CONTROL_MAGIC + bytes([ControlKind.STATUS]) + msgpack.packb([run_name, protocol_id, step])
+
+
+def encode_state(state: State, identity: Identity, kind: ControlKind = ControlKind.STATE) -> bytes:
     fields = [
         GENESIS_VERSION,
         state.server,
@@ -163,13 +191,19 @@ def encode_state(state: State, identity: Identity) -> bytes:
         list(state.commits),
         state.phase_timeout,
         state.num_validators,
+        list(state.observers),
+        [[p, s] for p, s in state.probation],
     ]
+    if kind not in (ControlKind.STATE, ControlKind.WELCOME):
+        raise ValueError("a state travels as STATE or WELCOME")
     body = msgpack.packb(fields, use_bin_type=True)
-    sig = identity.sign(digest("swarm-state", body))
-    return CONTROL_MAGIC + bytes([ControlKind.STATE]) + msgpack.packb([body, sig], use_bin_type=True)
+    sig = identity.sign(digest("swarm-state", int(kind), body))
+    return CONTROL_MAGIC + bytes([kind]) + msgpack.packb([body, sig], use_bin_type=True)
 
 
-def decode_control(payload: bytes, max_state_bytes: int = 0) -> Hello | Genesis | StateRequest | State | None:
+def decode_control(
+    payload: bytes, max_state_bytes: int = 0
+) -> Hello | Genesis | StateRequest | State | Status | Welcome | None:
     """Parse and verify a control message (None for a PING); raises :class:`ControlError`.
 
     STATE messages carry the model: they are accepted up to ``max_state_bytes`` (0: refused), all other kinds
@@ -177,7 +211,7 @@ def decode_control(payload: bytes, max_state_bytes: int = 0) -> Hello | Genesis 
     if not is_control(payload) or len(payload) < 5:
         raise ControlError("not a control message")
     kind, body = payload[4], payload[5:]
-    limit = max_state_bytes if kind == ControlKind.STATE else MAX_CONTROL_BYTES
+    limit = max_state_bytes if kind in (ControlKind.STATE, ControlKind.WELCOME) else MAX_CONTROL_BYTES
     if len(payload) > limit:
         raise ControlError(f"control message of {len(payload)} bytes exceeds {limit}")
     if kind in (ControlKind.HELLO, ControlKind.STATE_REQUEST):
@@ -186,11 +220,18 @@ def decode_control(payload: bytes, max_state_bytes: int = 0) -> Hello | Genesis 
             raise ControlError("HELLO and STATE_REQUEST are [run_name, protocol_id]")
         cls = Hello if kind == ControlKind.HELLO else StateRequest
         return cls(_str(f[0], "run_name"), _bin(f[1], PEER_ID_BYTES, "protocol_id"))
-    if kind == ControlKind.STATE:
+    if kind == ControlKind.STATUS:
+        f = _unpack(body)
+        if not isinstance(f, list) or len(f) != 3:
+            raise ControlError("STATUS is [run_name, protocol_id, step]")
+        return Status(_str(f[0], "run_name"), _bin(f[1], PEER_ID_BYTES, "protocol_id"), _int(f[2], "step"))
+    if kind in (ControlKind.STATE, ControlKind.WELCOME):
         outer = _unpack(body, limit)
         if not isinstance(outer, list) or len(outer) != 2:
-            raise ControlError("STATE must be [body, signature]")
-        return _parse_state(_bin(outer[0], None, "body"), _bin(outer[1], SIGNATURE_BYTES, "signature"), limit)
+            raise ControlError("STATE and WELCOME must be [body, signature]")
+        raw, sig = _bin(outer[0], None, "body"), _bin(outer[1], SIGNATURE_BYTES, "signature")
+        state = _parse_state(raw, sig, limit, kind)
+        return Welcome(state) if kind == ControlKind.WELCOME else state
     if kind == ControlKind.GENESIS:
         outer = _unpack(body)
         if not isinstance(outer, list) or len(outer) != 2:
@@ -234,12 +275,12 @@ def _parse_genesis(raw: bytes, sig: bytes) -> Genesis:
     return g
 
 
-def _parse_state(raw: bytes, sig: bytes, limit: int) -> State:
+def _parse_state(raw: bytes, sig: bytes, limit: int, kind: ControlKind) -> State:
     f = _unpack(raw, limit)
-    if not isinstance(f, list) or len(f) != 12 or f[0] != GENESIS_VERSION:
+    if not isinstance(f, list) or len(f) != 14 or f[0] != GENESIS_VERSION:
         raise ControlError("unsupported state format")
     server = _bin(f[1], PEER_ID_BYTES, "server")
-    if not verify(server, digest("swarm-state", raw), sig):
+    if not verify(server, digest("swarm-state", int(kind), raw), sig):
         raise ControlError("state signature does not verify")
     params = _bin(f[7], None, "params")
     opt = []
@@ -265,13 +306,22 @@ def _parse_state(raw: bytes, sig: bytes, limit: int) -> State:
         commits=tuple(_bin(c, None, "commit") for c in _list(f[9], "commits")),
         phase_timeout=_timeout(f[10]),
         num_validators=_int(f[11], "num_validators"),
+        observers=tuple(_bin(m, PEER_ID_BYTES, "observer") for m in _list(f[12], "observers")),
+        probation=tuple(_probation(p) for p in _list(f[13], "probation")),
     )
 
 
+def _probation(v: object) -> tuple[bytes, int]:
+    if not isinstance(v, list) or len(v) != 2:
+        raise ControlError("probation entries are [peer id, step]")
+    return _bin(v[0], PEER_ID_BYTES, "probation peer"), _int(v[1], "probation step")
+
+
 def verify_state(state: State, params_hash: bytes, limits: Limits | None = None) -> list[bytes]:
-    """The members whose valid signed GRAD_COMMIT of ``state.step`` carries ``params_hash`` (= H(x^t) of the
-    received parameters). Raises :class:`ControlError` unless they are a strict majority of the members:
-    with an honest majority, no coalition can make a joiner accept parameters the honest peers do not hold."""
+    """The members whose valid signed GRAD_COMMIT of ``state.step`` carries ``params_hash`` (= H(x^t, optimizer
+    state) of the received state, `btard.crypto.training_state_digest`). Raises :class:`ControlError` unless
+    they are a strict majority of the members: with an honest majority, no coalition can make a joiner accept
+    a state the honest peers do not hold."""
     from btard.protocol.errors import MalformedMessage
     from btard.protocol.messages import Kind, decode
 

@@ -37,7 +37,11 @@ class PeerRole:
     attack_start: int = 0
     label: str = ""
     crash_at: str | None = None  # "STEP:PHASE": kill -9 itself there (fault injection)
-    joiner: bool = False  # a late joiner: downloads and verifies the state from the members, then stops
+    joiner: bool = False  # sync only: downloads and verifies the state from the members, then stops
+    # A late joiner: started with the others but stays out of the genesis, and joins the running swarm once
+    # it is at this step (the same path as a peer started later; process start-up takes longer than a short
+    # test run).
+    join_at_step: int | None = None
     extra_args: list[str] = field(default_factory=list)  # more `btard peer` arguments for this peer
     exec_prefix: list[str] = field(default_factory=list)  # runs the peer through it, e.g. `ip netns exec NS`
 
@@ -80,6 +84,11 @@ class SwarmConfig:
 
     def role(self, i: int) -> PeerRole:
         return self.roles.get(i, PeerRole())
+
+    @property
+    def genesis_peers(self) -> int:
+        """Peers in the genesis (all but the late joiners)."""
+        return self.peers - sum(1 for r in self.roles.values() if r.join_at_step is not None)
 
 
 @dataclass
@@ -131,7 +140,7 @@ class LocalSwarm:
             "--run-name", cfg.run_name,
             "--run-dir", str(d),
             "--steps", str(cfg.steps),
-            "--min-peers", str(cfg.min_peers or cfg.peers),
+            "--min-peers", str(cfg.min_peers or cfg.genesis_peers),
             "--phase-timeout", str(cfg.phase_timeout),
             "--validators", str(cfg.validators),
             "--checkpoint-every", str(cfg.checkpoint_every),
@@ -155,6 +164,8 @@ class LocalSwarm:
             cmd += ["--crash-at", role.crash_at]
         if role.joiner:
             cmd += ["--sync-only"]
+        if role.join_at_step is not None:
+            cmd += ["--join-at-step", str(role.join_at_step)]
         return cmd + list(cfg.extra_args) + list(role.extra_args)
 
     def _spawn(self, i: int) -> PeerRun:

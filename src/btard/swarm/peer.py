@@ -22,16 +22,23 @@ Trust: the coordinator only chooses who starts (everything after follows from th
 (``allow_list``) restricts that choice, and every peer ignores records, control messages and genesis members
 not on it. A peer that is not in the genesis stops with status ``not-a-member``.
 
-Late joiners (partial) [decision]: a peer started with ``sync_only`` never announces itself in the run; it
-asks members (the bootstrap peer first) for their STATE: x^t, the optimizer state, r^{t−1}, members and
-validators of step t, and the signed GRAD_COMMITs of step t. It accepts x^t only if a strict majority of the
-members committed H(x^t), so with an honest majority no coalition can hand it other parameters; it saves the
-state as a checkpoint and stops (status ``synced``). Missing before it can train: (1) admission: a signed JOIN
-that every honest peer sees in the same step (e.g. covered by the ACCUSE-phase digest like the other public
-items), so that next_members = f(members, bans, exclusions, admitted joiners) stays deterministic; (2)
-probation: for its first steps the joiner is a validation target every step and its parts are not
-aggregated; (3) the optimizer state is committed by nobody: fetch it from several members and compare, or
-have peers commit H(optimizer state) beside H(x^t).
+Commitments: the H(x^t) a peer puts in its GRAD_COMMIT is `training_state_digest` (parameters and optimizer
+state), so whatever state a newcomer downloads can be checked against what the majority committed.
+
+Late joiners [decision]: a peer that is not in the genesis (started later with ``initial_peers``) joins the
+running swarm. It asks the members for the step they are in (HELLO → STATUS), sends a signed JOIN naming that
+step to every member it finds in the DHT, and repeats until admitted. Members keep JOINs with the step's public
+items, so the ACCUSE-phase digest exchange makes every honest member admit the same joiners at the end of the
+same step t (`BtardPeer._admitted`). Two members, drawn from r^t, then send the joiner a WELCOME: x^{t+1}, the
+optimizer state, members, validators, observers and probation of step t+1. The joiner observes step t+1
+(takes part in the MPRNG, commits nothing) and accepts a WELCOME only if a strict majority of the step's
+GRAD_COMMITs, which it receives itself, carry that state's hash; then it applies ĝ^{t+1} like everyone and
+contributes on probation (validated every step, its parts not aggregated) before it is a full member.
+
+A peer started with ``sync_only`` never joins; it asks members (the bootstrap peer first) for their STATE:
+x^t, the optimizer state, r^{t−1}, members and validators of step t, and the signed GRAD_COMMITs of step t.
+It accepts the state only if a strict majority of the members committed its hash, saves it as a checkpoint
+and stops (status ``synced``).
 """
 
 from __future__ import annotations
@@ -51,24 +58,28 @@ import torch
 
 from btard.attacks.base import AttackContext, AttackKind, AttackSchedule, GradientAttack, apply_attack
 from btard.attacks.registry import get_attack, resolve_attack
-from btard.crypto import Identity, digest, params_digest, short_id
+from btard.crypto import Identity, digest, params_digest, short_id, training_state_digest
 from btard.protocol.audit import AuditLog
-from btard.protocol.messages import Kind, Signed
+from btard.protocol.messages import Join, Kind, Signed, encode
 from btard.protocol.peer import GENESIS, Behaviour, BtardPeer, StepResult
 from btard.protocol.state import Phase
 from btard.swarm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from btard.swarm.control import (
     PING,
     ControlError,
+    ControlKind,
     Genesis,
     Hello,
     State,
     StateRequest,
+    Status,
+    Welcome,
     decode_control,
     encode_genesis,
     encode_hello,
     encode_state,
     encode_state_request,
+    encode_status,
     finite_timeout,
     is_control,
     verify_state,
@@ -86,6 +97,9 @@ START_DELAY_S = 2.0
 MAX_START_WAIT_S = 60.0  # never wait longer than this for start_at (a coordinator with a wrong clock)
 SYNC_REPLY_S = 5.0  # how long a joiner waits for one member's state (a few MB over one stream)
 MAX_WAITING_JOINERS = 64  # requests held until our first step ends (more are dropped: they ask again)
+JOIN_RESEND_S = 1.0  # a joiner asks for the current step and re-sends its JOIN this often until admitted
+WELCOME_SERVERS = 2  # members (drawn from r) that send an admitted joiner its state
+MAX_WELCOMES = 8  # WELCOMEs a joiner keeps (one per server; more are ignored)
 
 
 @dataclass
@@ -118,9 +132,11 @@ class PeerRunConfig:
     host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
     announce_maddrs: list[str] | None = None
     audit_parts: bool = False  # also log gradient/aggregate parts (~2·d floats per step) in the audit log
-    # Late joiner: download x^t and the optimizer state from a member, check H(x^t) against the majority of
-    # the step's signed GRAD_COMMITs, save it as a checkpoint and stop. Entering the run needs protocol support
-    # for admitting members, which does not exist yet (see the module docstring).
+    # A peer that is not in the genesis joins the running swarm (see the module docstring); False: it stops.
+    join: bool = True
+    join_at_step: int | None = None  # stay out of the genesis; join once the run is at this step
+    # Download x^t and the optimizer state from a member, check its hash against the majority of the step's
+    # signed GRAD_COMMITs, save it as a checkpoint and stop (a verified snapshot, without joining).
     sync_only: bool = False
     crash_at: tuple[int, Phase] | None = None  # fault injection: SIGKILL itself on reaching (step, phase)
 
@@ -212,6 +228,10 @@ class SwarmPeer:
         self._served_to: dict[bytes, int] = {}  # requester -> step last served (one answer per step each)
         self._waiting_joiners: set[bytes] = set()  # asked before we had finished a step
         self._state: asyncio.Future[State] | None = None
+        self._joining = False
+        self._welcomes: list[State] = []
+        self._welcome_event = asyncio.Event()
+        self._statuses: dict[bytes, int] = {}
         # Only a joiner accepts a STATE, and only as large as its model and optimizer state (+ commits).
         self._max_state_bytes = 16 * self.task.dim + (1 << 20) if config.sync_only else 0
         self.gradient_attack: GradientAttack | None = None
@@ -273,7 +293,7 @@ class SwarmPeer:
         self.driver = ProtocolDriver(transport, on_other=self._on_control, on_phase=self._on_phase)
         try:
             self.driver.start()
-            if not self.cfg.sync_only:  # a joiner stays out of the member list
+            if not self.cfg.sync_only and self.cfg.join_at_step is None:  # joiners stay out of the genesis
                 await transport.announce(self.cfg.run_name)
             self._emit(
                 "listening",
@@ -288,12 +308,12 @@ class SwarmPeer:
             genesis = await (
                 self._coordinate(transport) if self.cfg.is_coordinator else self._follow(transport)
             )
-            if self.me not in genesis.members:
-                return self._outcome(
-                    "not-a-member", "the run started without this peer (late joining is not implemented)"
-                )
+            if self.me not in genesis.members and not self.cfg.join:
+                return self._outcome("not-a-member", "the run started without this peer (joining is off)")
             name = f"audit-from-step-{genesis.step}.jsonl" if self.ckpt else "audit.jsonl"
             audit_log = AuditLog(self.identity, path=self.run_dir / name)
+            if self.me not in genesis.members:
+                return await self._join(transport, genesis, audit_log, metrics)
             self.peer = BtardPeer(
                 self.identity,
                 genesis.protocol_config(),
@@ -354,14 +374,24 @@ class SwarmPeer:
         elif isinstance(msg, State):
             if self._state is not None and not self._state.done():
                 self._state.set_result(msg)
+        elif isinstance(msg, Welcome):
+            st = msg.state
+            ok = st.server in st.members and st.server != self.me and self.me in st.observers
+            if self._joining and ok and len(self._welcomes) < MAX_WELCOMES:
+                self._welcomes.append(st)
+                self._welcome_event.set()
+        elif isinstance(msg, Status):
+            if self._joining and msg.run_name == self.cfg.run_name and len(self._statuses) < 4096:
+                self._statuses[msg.protocol_id] = msg.step
         elif isinstance(msg, Hello):
-            if (
-                self._genesis_raw is not None
-                and msg.run_name == self.cfg.run_name
-                and self._allowed(msg.protocol_id)
-            ):
+            if msg.run_name == self.cfg.run_name and self._allowed(msg.protocol_id):
                 assert self.driver is not None
-                self.driver.send(msg.protocol_id, self._genesis_raw)
+                if self._genesis_raw is not None:
+                    self.driver.send(msg.protocol_id, self._genesis_raw)
+                if self.peer is not None:
+                    self.driver.send(
+                        msg.protocol_id, encode_status(self.cfg.run_name, self.me, self.peer.step)
+                    )
         elif (
             isinstance(msg, Genesis)
             and self._genesis is not None
@@ -539,12 +569,19 @@ class SwarmPeer:
             for old in [s for s in self._history if s < t - 1]:
                 del self._history[old]
             start = time.monotonic()
+            contributor = not peer.is_validator and not peer.is_observer
             loss, grad = await asyncio.to_thread(
-                self._work, self.params, peer.r_prev, t, not peer.is_validator, len(peer.contributors)
+                self._work, self.params, peer.r_prev, t, contributor, len(peer.contributors)
             )
             grad_s = time.monotonic() - start
-            x_hash = params_digest(self.params)
-            role = "validator" if peer.is_validator else "contributor"
+            x_hash = training_state_digest(self.params, self.opt.state_dict())
+            role = (
+                "validator"
+                if peer.is_validator
+                else "probation"
+                if peer.on_probation(self.me)
+                else "contributor"
+            )
             r_prev, validators = peer.r_prev, tuple(sorted(peer.validators.items()))
             result, timing = await driver.run_step(x_hash, grad)
             disagree = _commit_disagreement(peer, x_hash)
@@ -554,13 +591,18 @@ class SwarmPeer:
             for joiner in self._waiting_joiners:
                 self._serve_state(StateRequest(cfg.run_name, joiner))
             self._waiting_joiners.clear()
-            self.params = self.opt.step(self.params, result.aggregate, t)
             record = _step_record(result, timing, loss, role, grad_s, time.monotonic() - start, disagree)
-            record["params_hash"] = x_hash.hex()
+            record["params_hash"] = params_digest(self.params).hex()
+            record["state_hash"] = x_hash.hex()
+            self.params = self.opt.step(self.params, result.aggregate, t)
+            self._welcome_joiners(result)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             self._emit("step", **record)
             driver.forget(set(result.members) - set(result.next_members))
+            if result.partitioned:
+                status, reason = "partitioned", "lost contact with at least half of the members in one step"
+                break
             if self.me not in result.next_members:
                 mine = [v for v in result.verdicts if v.banned == self.me]
                 status = "banned" if mine else "excluded"
@@ -584,6 +626,125 @@ class SwarmPeer:
         return self._outcome(status, reason, ckpt_dir, accuracy)
 
     # ------------------------------------------------------------------ late joiners
+    def _welcome_joiners(self, result: StepResult) -> None:
+        """After step t (x^{t+1} applied): send each joiner admitted in it our state, if r^t drew us."""
+        peer, driver = self.peer, self.driver
+        assert peer is not None and driver is not None
+        for joiner in result.joined:
+            survivors = [p for p in result.next_members if p not in result.joined]
+            servers = sorted(survivors, key=lambda p: digest("welcome", result.r, joiner, p))[
+                :WELCOME_SERVERS
+            ]
+            if self.me not in servers:
+                continue
+            opt = sorted(self.opt.state_dict().items())
+            state = State(
+                server=self.me,
+                run_id=peer.cfg.run_id,
+                step=result.step + 1,
+                r_prev=result.r,
+                members=result.next_members,
+                validators=tuple(sorted(result.next_validators.items())),
+                params=self.params.numpy().tobytes(),
+                optimizer=tuple((k, tuple(v.shape), v.numpy().tobytes()) for k, v in opt),
+                commits=(),
+                phase_timeout=peer.cfg.phase_timeout,
+                num_validators=peer.cfg.validators,
+                observers=result.joined,
+                probation=tuple(sorted(result.probation.items())),
+            )
+            driver.send(joiner, encode_state(state, self.identity, ControlKind.WELCOME))
+            self._emit("welcomed", joiner=short_id(joiner), step=result.step + 1)
+
+    async def _join(self, transport, genesis: Genesis, audit_log: AuditLog, metrics) -> PeerOutcome:
+        """Join the running swarm (module docstring): JOIN until admitted, observe the first step with the
+        WELCOME state, keep the WELCOME that the majority's commits back, then train like every member."""
+        cfg, driver = self.cfg, self.driver
+        assert driver is not None
+        self._joining = True
+        self._max_state_bytes = 16 * self.task.dim + (1 << 20)
+        pcfg = genesis.protocol_config()
+        deadline = time.monotonic() + cfg.join_timeout
+        self._emit("joining", run_id=pcfg.run_id.hex())
+        while not self._welcomes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not admitted within {cfg.join_timeout} s")
+            records = [r for r in await transport.list_peers(cfg.run_name) if r.protocol_id != self.me]
+            for r in records:
+                if self._allowed(r.protocol_id):
+                    driver.send(r.protocol_id, encode_hello(cfg.run_name, self.me))
+            await asyncio.sleep(0.2)  # STATUS answers
+            steps = sorted(self._statuses.values())
+            if steps and steps[len(steps) // 2] >= (cfg.join_at_step or 0):
+                step = steps[len(steps) // 2]  # the median: a few lying members cannot move it far
+                join = encode(Join(pcfg.run_id, step, self.me), self.identity).raw
+                for r in records:
+                    if self._allowed(r.protocol_id):
+                        driver.send(r.protocol_id, join)
+            self._welcome_event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._welcome_event.wait(), JOIN_RESEND_S)
+        self._joining = False
+        w = self._welcomes[0]
+        if w.run_id != pcfg.run_id or self.me not in w.members:
+            raise ValueError("the WELCOME does not belong to this run or does not list this peer")
+        self.peer = BtardPeer(
+            self.identity,
+            pcfg,
+            w.members,
+            oracle=self._oracle,
+            behaviour=self.behaviour,
+            start_step=w.step,
+            r_prev=w.r_prev,
+            validators=dict(w.validators),
+            audit=_AuditFilter(audit_log, self.cfg.audit_parts),
+            observers=w.observers,
+            probation=dict(w.probation),
+        )
+        driver.attach(self.peer)
+        self._emit("admitted", step=w.step, members=len(w.members), server=short_id(w.server))
+        start = time.monotonic()
+        result, timing = await driver.run_step(b"\0" * 32, None)  # observer: commits nothing
+        chosen = None
+        for cand in list(self._welcomes):
+            try:
+                params, opt = self._load_state(cand)
+            except ValueError:
+                continue
+            h = training_state_digest(params, opt.state_dict())
+            committed = [s.msg for (k, _, _), s in self.peer.slots.items() if k == Kind.GRAD_COMMIT]
+            backers = [m.sender for m in committed if m.params_hash == h]
+            if 2 * len(backers) > len(committed):
+                chosen = (cand, params, opt, len(backers), len(committed))
+                break
+        if chosen is None:
+            return self._outcome("state-rejected", "no WELCOME state matches the majority's commitments")
+        cand, self.params, self.opt, nb, nc = chosen
+        self._history[w.step] = (self.params, w.r_prev)
+        record = _step_record(result, timing, 0.0, "observer", 0.0, time.monotonic() - start, [])
+        record["params_hash"] = params_digest(self.params).hex()
+        record["state_backers"] = f"{nb}/{nc}"
+        self.params = self.opt.step(self.params, result.aggregate, w.step)
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+        self._emit("step", **record)
+        if result.partitioned or self.me not in result.next_members:
+            return self._outcome("excluded", "left out at the end of its observer step")
+        outcome = await self._train(metrics)
+        return outcome
+
+    def _load_state(self, st: State):
+        if len(st.params) != 4 * self.task.dim:
+            raise ValueError(f"state has {len(st.params) // 4} parameters, the task {self.task.dim}")
+        params = torch.frombuffer(bytearray(st.params), dtype=torch.float32)
+        optimizer = {
+            k: torch.frombuffer(bytearray(raw), dtype=torch.float32).reshape(shape)
+            for k, shape, raw in st.optimizer
+        }
+        opt = self.task.make_optimizer()
+        opt.load_state_dict(optimizer)  # raises ValueError if it does not fit the task
+        return params, opt
+
     def _serve_state(self, req: StateRequest) -> None:
         """Send our last step's state to a joiner (after our first step if we have none yet)."""
         if req.run_name != self.cfg.run_name or not self._allowed(req.protocol_id):
@@ -652,12 +813,13 @@ class SwarmPeer:
         if len(state.params) != 4 * self.task.dim:
             raise ValueError(f"state has {len(state.params) // 4} parameters, the task {self.task.dim}")
         params = torch.frombuffer(bytearray(state.params), dtype=torch.float32)
-        backers = verify_state(state, params_digest(params))
         optimizer = {
             k: torch.frombuffer(bytearray(raw), dtype=torch.float32).reshape(shape)
             for k, shape, raw in state.optimizer
         }
-        self.task.make_optimizer().load_state_dict(optimizer)  # raises ValueError if it does not fit the task
+        opt = self.task.make_optimizer()
+        opt.load_state_dict(optimizer)  # raises ValueError if it does not fit the task
+        backers = verify_state(state, training_state_digest(params, opt.state_dict()))
         ckpt = Checkpoint(
             step=state.step,
             params=params,
