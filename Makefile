@@ -36,6 +36,7 @@ bench: setup
 	$(BIN)/python benchmarks/aggregation.py
 	$(BIN)/python benchmarks/protocol_overhead.py
 	$(BIN)/python benchmarks/transport.py
+	$(BIN)/python benchmarks/allreduce.py
 	$(BIN)/python benchmarks/sim_throughput.py --task mnist --peers 16 --steps 20 --threads 1
 	$(BIN)/python benchmarks/robustness.py $(if $(wildcard runs/mnist-grid/results.json),--from runs/mnist-grid,--quick)
 
