@@ -342,6 +342,12 @@ def summarize(cfg: SwarmConfig, peers: list[PeerRun], wall_seconds: float) -> di
                 "banned": bans.get(r.protocol_id),
                 "excluded_at": excluded.get(r.short),
                 "steps": len(r.steps),
+                "joined_at": r.steps[0]["step"] if r.role.join_at_step is not None and r.steps else None,
+                "contributed_from": next(
+                    (st["step"] for st in r.steps if st["role"] in ("contributor", "validator")), None
+                )
+                if r.role.join_at_step is not None
+                else None,
             }
             for r in peers
         ],
@@ -425,6 +431,11 @@ def format_report(report: dict, root: Path) -> str:
             fate = f"BANNED at step {b['step'] + 1}: {b['reason']}{by}" + (f"\n{'':42}({why})" if why else "")
         elif p["excluded_at"] is not None:
             fate = f"excluded at step {p['excluded_at'] + 1} (went silent)"
+        elif p.get("joined_at") is not None:
+            fate = (
+                f"admitted; observed step {p['joined_at'] + 1}, on probation (validated, not aggregated), "
+                f"full member from step {(p['contributed_from'] or 0) + 1}; {p['status']}"
+            )
         else:
             fate = p["status"]
         lines.append(f"  peer {p['index']} ({p['id']}) {p['role']:<32} {fate}")
@@ -499,14 +510,16 @@ def demo_config(
     run_dir: str = "runs/demo", steps: int | None = None, phase_timeout: float | None = None
 ) -> SwarmConfig:
     """`btard demo`: 8 peers train real MNIST; peer 5 flips its gradient ×1000 (caught by validators), peer 6
-    publishes a wrong aggregate (caught by the projection check), peer 7 falsely accuses an honest peer."""
+    publishes a wrong aggregate (caught by the projection check), peer 7 falsely accuses an honest peer; a 9th
+    peer joins the running swarm at step 40 (observer step, probation, then a full member)."""
     roles = {
         5: PeerRole("sign-flip", {"k": 1000.0}, 0, label="gradient attack: sign flip x1000"),
         6: PeerRole("wrong-aggregate", {"scale": 1.0}, 3, label="protocol attack: wrong aggregate"),
         7: PeerRole("false-accusation", {}, 6, label="false accuser"),
+        8: PeerRole(join_at_step=40, label="late joiner (at step 40)"),
     }
     return SwarmConfig(
-        peers=8,
+        peers=9,
         roles=roles,
         task="mnist",
         steps=steps or 200,
