@@ -18,8 +18,18 @@ Three measurements on the same task (default: MNIST, its default per-peer batch)
 Target: simulator s/step ≤ 1.3 × single-model s/step. The simulator is CPU-only (the protocol's messages and
 checks work on CPU tensors), so there is no device flag.
 
+All three run with the objects alive at their start frozen out of the cyclic garbage collector
+(`btard.sim.runner.frozen_gc`, as `Simulator.run` does), so that no measurement pays for walking the ~300k
+objects of torch and the data sets on every older-generation collection.
+
+``--heavy`` adds the same three measurements for a compute-heavy task (default ``cifar10-resnet18``: the
+paper's ResNet-18, d = 11.2M, batch 8 per peer; generated CIFAR-shaped data unless ``data_dir`` has the real
+files), with ``--heavy-steps`` timed steps after one warm-up: there the gradients dominate the single-model
+step, and the protocol's per-step cost is the memory-bound work on 11.2M-element parts (hashing, the K
+projections per part, CenteredClip) rather than per-message handling. Its rows go to the JSON's ``heavy``.
+
 Usage: python benchmarks/sim_throughput.py [--quick] [--task mnist] [--peers 16] [--steps 20] [--threads 1]
-       [--out bench-results/sim_throughput.json]
+       [--heavy [--heavy-task cifar10-resnet18] [--heavy-steps 2]] [--out bench-results/sim_throughput.json]
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from btard.sim.runner import SimConfig, Simulator
+from btard.sim.runner import SimConfig, Simulator, frozen_gc
 from btard.training import get_task
 from btard.training.seeds import batch_seed
 
@@ -78,13 +88,15 @@ class PhaseTimer:
 
 
 def timed_steps(fn: Callable[[int], object], warmup: int, steps: int) -> list[float]:
-    """Call fn(0..warmup+steps−1); wall seconds of the last `steps` calls."""
+    """Call fn(0..warmup+steps−1) with the garbage collector's old objects frozen; wall seconds of the last
+    `steps` calls."""
     out = []
-    for t in range(warmup + steps):
-        t0 = time.perf_counter()
-        fn(t)
-        if t >= warmup:
-            out.append(time.perf_counter() - t0)
+    with frozen_gc():
+        for t in range(warmup + steps):
+            t0 = time.perf_counter()
+            fn(t)
+            if t >= warmup:
+                out.append(time.perf_counter() - t0)
     return out
 
 
@@ -176,25 +188,11 @@ def measure_single(args: argparse.Namespace, overrides: dict, per_peer_batch: in
     return {**stats(per_step), "gradient_mean_s": statistics.fmean(grad_s), "global_batch": global_batch}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny run for CI: digits, 4 steps")
-    ap.add_argument("--task", default=None, help="task name (default mnist; quick: digits)")
-    ap.add_argument("--peers", type=int, default=16)
-    ap.add_argument("--batch", type=int, default=None, help="per-peer batch (default: the task's)")
-    ap.add_argument("--validators", type=int, default=1, help="m, validators per step (SimConfig default 1)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20; quick 4)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; quick 1)")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    ap.add_argument("--out", default="bench-results/sim_throughput.json")
-    args = ap.parse_args()
-    args.task = args.task or ("digits" if args.quick else "mnist")
-    args.steps = args.steps or (4 if args.quick else 20)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    torch.set_num_threads(args.threads)
+def measure_task(args: argparse.Namespace) -> dict:
+    """The three measurements for `args.task` (`args.steps` timed steps after `args.warmup`); prints the tables
+    and returns the rows."""
     overrides = {} if args.batch is None else {"batch_size": args.batch}
-
-    t_all = time.perf_counter()
+    t0 = time.perf_counter()
     sim_row, sim = measure_simulator(args, overrides)
     grad_row = measure_gradients(args, sim)
     single_row = measure_single(args, overrides, sim.task.batch_size)
@@ -203,8 +201,8 @@ def main() -> None:
 
     n, b = args.peers, sim_row["batch_per_peer"]
     print(
-        f"task {args.task} (d = {sim_row['dim']:,}), {n} peers × batch {b} = global batch {n * b}, "
-        f"{args.threads} torch thread(s), CPU, {args.steps} timed steps after {args.warmup} warm-up"
+        f"task {args.task} (d = {sim_row['dim']:,}, data: {sim_row['data']}), {n} peers × batch {b} = global "
+        f"batch {n * b}, {args.threads} torch thread(s), CPU, {args.steps} timed steps after {args.warmup} warm-up"
     )
     print("| what | s/step (mean) | s/step (median) | × single model |")
     print("|---|---|---|---|")
@@ -224,8 +222,53 @@ def main() -> None:
     for k, v in sim_row["phases_s_per_step"].items():
         label = f"  of which {k.split(': ', 1)[1]}" if k in SUBPHASES else k
         print(f"| {label} | {v:.4f} | {100 * sim_row['phases_share'][k]:.1f} % |")
-    print(f"\nsimulator / single model = {ratio:.2f}× (target ≤ 1.3×)")
+    print(f"\nsimulator / single model = {ratio:.2f}× (target ≤ 1.3×)\n")
+    return {
+        "task": args.task,
+        "batch_per_peer": b,
+        "global_batch": n * b,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "seconds": time.perf_counter() - t0,
+        "simulator": sim_row,
+        "gradients_only": grad_row,
+        "single_model": single_row,
+        "ratio": ratio,
+    }
 
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny run for CI: digits, 4 steps")
+    ap.add_argument("--task", default=None, help="task name (default mnist; quick: digits)")
+    ap.add_argument("--peers", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=None, help="per-peer batch (default: the task's)")
+    ap.add_argument("--validators", type=int, default=1, help="m, validators per step (SimConfig default 1)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20; quick 4)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; quick 1)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument(
+        "--heavy", action="store_true", help="also measure a compute-heavy task (see --heavy-task; minutes)"
+    )
+    ap.add_argument("--heavy-task", default="cifar10-resnet18", help="the compute-heavy task")
+    ap.add_argument("--heavy-steps", type=int, default=2, help="its timed steps (after 1 warm-up)")
+    ap.add_argument("--out", default="bench-results/sim_throughput.json")
+    args = ap.parse_args()
+    args.task = args.task or ("digits" if args.quick else "mnist")
+    args.steps = args.steps or (4 if args.quick else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    torch.set_num_threads(args.threads)
+
+    t_all = time.perf_counter()
+    main_rows = measure_task(args)
+    heavy = None
+    if args.heavy:
+        heavy_args = argparse.Namespace(
+            **{**vars(args), "task": args.heavy_task, "batch": None, "steps": args.heavy_steps, "warmup": 1}
+        )
+        heavy = measure_task(heavy_args)
+
+    n, b = args.peers, main_rows["batch_per_peer"]
     meta = {
         "benchmark": "sim_throughput",
         "quick": args.quick,
@@ -238,6 +281,7 @@ def main() -> None:
         "warmup": args.warmup,
         "threads": args.threads,
         "device": "cpu",
+        "gc": "frozen during the measurements (btard.sim.runner.frozen_gc)",
         "python": platform.python_version(),
         "torch": torch.__version__,
         "machine": platform.machine(),
@@ -245,12 +289,14 @@ def main() -> None:
     }
     result = {
         "meta": meta,
-        "simulator": sim_row,
-        "gradients_only": grad_row,
-        "single_model": single_row,
-        "ratio": ratio,
+        "simulator": main_rows["simulator"],
+        "gradients_only": main_rows["gradients_only"],
+        "single_model": main_rows["single_model"],
+        "ratio": main_rows["ratio"],
         "target_ratio": 1.3,
     }
+    if heavy is not None:
+        result["heavy"] = heavy
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out} ({meta['total_seconds']:.1f} s)")

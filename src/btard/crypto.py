@@ -9,6 +9,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import sys
@@ -34,24 +35,59 @@ Field = bytes | str | int
 
 
 def _encode_field(field: Field) -> bytes:
+    t = type(field)  # exact types first (the common case), then the general rules
+    if t is bytes:
+        return b"b" + _U64(len(field)) + field
+    if t is int:
+        return b"i" + _I64(field)
     if isinstance(field, bool):
         raise TypeError("booleans are ambiguous as hash fields; pass an int")
     if isinstance(field, int):
-        return b"i" + struct.pack("<q", field)
+        return b"i" + _I64(field)
     if isinstance(field, str):
         data = field.encode()
-        return b"s" + struct.pack("<Q", len(data)) + data
+        return b"s" + _U64(len(data)) + data
     if isinstance(field, bytes | bytearray | memoryview):
         data = bytes(field)
-        return b"b" + struct.pack("<Q", len(data)) + data
+        return b"b" + _U64(len(data)) + data
     raise TypeError(f"cannot hash field of type {type(field).__name__}")
+
+
+_I64 = struct.Struct("<q").pack
+_U64 = struct.Struct("<Q").pack
+_DOMAINS: dict[str, bytes] = {}  # domain -> its hashed prefix (domains are a small set of constants)
+_LARGE_FIELD = 1 << 14  # bytes fields above this are streamed into the hash instead of joined (no copy)
+
+
+def _prefix(domain: str) -> bytes:
+    pre = _DOMAINS.get(domain)
+    if pre is None:
+        pre = _HASH_PREFIX + _encode_field(domain)
+        if len(_DOMAINS) < 1024:
+            _DOMAINS[domain] = pre
+    return pre
 
 
 def digest(domain: str, *fields: Field) -> bytes:
     """BLAKE3 digest of (domain, fields) with every field typed and length-prefixed."""
-    h = blake3.blake3(_HASH_PREFIX + _encode_field(domain))
+    # Hashing is streaming: the digest of the concatenated encodings, however they are fed in. Small fields
+    # are joined into one update; large byte strings are fed directly.
+    parts = [_prefix(domain)]
+    h = None
     for f in fields:
-        h.update(_encode_field(f))
+        if type(f) is bytes and len(f) > _LARGE_FIELD:
+            parts.append(b"b" + _U64(len(f)))
+            if h is None:
+                h = blake3.blake3(b"".join(parts))
+            else:
+                h.update(b"".join(parts))
+            h.update(f)
+            parts = []
+        else:
+            parts.append(_encode_field(f))
+    if h is None:
+        return blake3.blake3(b"".join(parts)).digest()
+    h.update(b"".join(parts))
     return h.digest()
 
 
@@ -62,23 +98,31 @@ def tensor_view(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().cpu().numpy())
 
 
+def _part_header(domain: str, run_id: bytes, step: int, sender: bytes, index: int, size: int) -> bytes:
+    return b"".join(
+        (
+            _prefix(domain),
+            *(_encode_field(f) for f in (run_id, step, sender, index)),
+            _F32,
+            _encode_field(size),
+        )
+    )
+
+
+_F32 = _encode_field("f32")
+
+
 def tensor_digest(domain: str, run_id: bytes, step: int, sender: bytes, index: int, t: torch.Tensor) -> bytes:
     """Digest of the exact bytes a tensor travels as, bound to (domain, run, step, sender, part index)."""
     arr = tensor_view(t)
-    h = blake3.blake3(
-        _HASH_PREFIX
-        + b"".join(_encode_field(f) for f in (domain, run_id, step, sender, index, "f32", arr.size))
-    )
+    h = blake3.blake3(_part_header(domain, run_id, step, sender, index, arr.size))
     h.update(memoryview(arr).cast("B"))
     return h.digest()
 
 
 def bytes_digest(domain: str, run_id: bytes, step: int, sender: bytes, index: int, raw: bytes) -> bytes:
     """Same as `tensor_digest` but for the raw float32 bytes as received (no tensor built)."""
-    h = blake3.blake3(
-        _HASH_PREFIX
-        + b"".join(_encode_field(f) for f in (domain, run_id, step, sender, index, "f32", len(raw) // 4))
-    )
+    h = blake3.blake3(_part_header(domain, run_id, step, sender, index, len(raw) // 4))
     h.update(raw)
     return h.digest()
 
@@ -150,7 +194,7 @@ class Identity:
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
 
-    @property
+    @functools.cached_property
     def peer_id(self) -> bytes:
         return self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 

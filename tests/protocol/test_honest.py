@@ -64,3 +64,50 @@ def test_part_order_is_a_deterministic_shuffle():
     ids = [bytes([i]) * 32 for i in range(8)]
     assert part_order(ids, b"a") == part_order(list(reversed(ids)), b"a")
     assert part_order(ids, b"a") != part_order(ids, b"b")
+
+
+def test_check_cache_gives_the_checks_results():
+    import numpy as np
+
+    from btard.protocol import checks
+
+    rng = np.random.default_rng(0)
+    cache = checks.CheckCache(max_entries=8)
+    for i in range(40):
+        m = int(rng.integers(1, 9))
+        norms, projs = np.abs(rng.normal(size=m)), rng.normal(size=(m, 4)) * (1 if i % 3 else 10)
+        trusted = rng.random(m) < 0.3 if i % 2 else None
+        kw = dict(tau="adaptive" if i % 4 else 0.5, lam=1.0, eps_rel=1e-4, plausibility=8.0, trusted=trusted)
+        for _ in range(2):  # a miss, then a hit
+            assert cache.fixed_point_check(norms, projs, **kw) == checks.fixed_point_check(norms, projs, **kw)
+            assert cache.scale_ratio(norms, projs) == checks.scale_ratio(norms, projs)
+
+
+def test_faulty_network_run_does_not_depend_on_the_hash_seed():
+    """A simulation is a function of its seed: no set iteration order (which varies with PYTHONHASHSEED)
+    may reach what a peer sends, even when lost messages are pulled again."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import hashlib\n"
+        "from tests.protocol.conftest import make_swarm\n"
+        "from btard.transport.memory import NetworkFaults\n"
+        "sw = make_swarm(6, dim=61, seed=5, faults=NetworkFaults(drop_prob=0.2, max_delay=3.0), validators=1)\n"
+        "h = hashlib.sha256()\n"
+        "for _ in range(2):\n"
+        "    for pid, r in sorted(sw.step().items()):\n"
+        "        h.update(pid + r.aggregate.numpy().tobytes() + r.r + repr((r.excluded, r.missing_parts)).encode())\n"
+        "print(h.hexdigest(), sw.harness.network.sent_messages, sw.harness.now)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    outs = set()
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        run = subprocess.run(
+            [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        outs.add(run.stdout)
+    assert len(outs) == 1, outs

@@ -121,3 +121,23 @@ def test_non_finite_projection_values_are_rejected():
     raw = encode(Proj.of(RUN, 1, ME.peer_id, np.array([1.0, np.nan]), np.zeros((2, 2))), ME).raw
     with pytest.raises(MalformedMessage, match="finite"):
         decode(raw)
+
+
+@settings(max_examples=150, deadline=None)
+@given(messages())
+def test_body_chunks_are_msgpacks_bytes(msg):
+    """`encode` writes tensor bodies without msgpack (no copy of the data): the bytes must be msgpack's."""
+    import msgpack
+
+    assert b"".join(msg.body_chunks()) == msgpack.packb(msg.body_fields(), use_bin_type=True)
+
+
+@pytest.mark.parametrize("part", [0, 127, 128, 255, 256, 65535, 65536, 1023])
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 16383, 16384, 300_000])
+def test_tensor_body_headers_at_size_boundaries(part, n):
+    import msgpack
+
+    m = GradPart.of(RUN, 1, ME.peer_id, part, torch.arange(n, dtype=torch.float32))
+    assert b"".join(m.body_chunks()) == msgpack.packb([part, m.data], use_bin_type=True)
+    if part < Limits().max_peers:
+        assert decode(encode(m, ME).raw).msg == m

@@ -6,6 +6,7 @@ Everything here is a deterministic function of public values, so every honest pe
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -38,7 +39,12 @@ def part_bounds(d: int, n: int) -> list[tuple[int, int]]:
 
 def part_order(peers: Sequence[bytes], r_prev: bytes) -> list[bytes]:
     """Deterministic shuffle of `peers` by the previous shared random value: part j is aggregated by out[j]."""
-    return sorted(peers, key=lambda p: digest("part-order", r_prev, p))
+    return list(_part_order(tuple(peers), r_prev))
+
+
+@functools.lru_cache(maxsize=64)
+def _part_order(peers: tuple[bytes, ...], r_prev: bytes) -> tuple[bytes, ...]:
+    return tuple(sorted(peers, key=lambda p: digest("part-order", r_prev, p)))
 
 
 class ProjectionCache:
@@ -166,6 +172,65 @@ def fixed_point_check(
         bad_rows = [i for i in bad_rows if not trusted[i]]
     implausible = tuple(int(i) for i in bad_rows)
     return FixedPointCheck(stat <= tol and not implausible, t, stat, tol, implausible)
+
+
+class CheckCache:
+    """Memoizes `fixed_point_check` and `scale_ratio` by their exact inputs (the bytes of the arrays and the
+    parameters). Both are pure functions of public values, so peers simulated in one process can share one
+    cache: each part's check is then computed once per step instead of once per peer, with the same result.
+    Like `messages.DecodeCache`, an optimisation of the simulator; bounded."""
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self._max = max_entries
+        self._store: dict[tuple, object] = {}
+
+    def _get(self, key: tuple, compute):
+        hit = self._store.get(key)
+        if hit is None:
+            hit = compute()
+            if len(self._store) >= self._max:
+                self._store.clear()
+            self._store[key] = hit
+        return hit
+
+    def fixed_point_check(
+        self,
+        norms: np.ndarray,
+        projs: np.ndarray,
+        *,
+        tau: float | str,
+        lam: float,
+        eps_rel: float,
+        plausibility: float,
+        trusted: np.ndarray | None = None,
+    ) -> FixedPointCheck:
+        norms = np.asarray(norms, dtype=np.float64)
+        projs = np.asarray(projs, dtype=np.float64)
+        t = None if trusted is None else np.asarray(trusted, dtype=bool)
+        key = (
+            "fp",
+            norms.shape,
+            norms.tobytes(),
+            projs.shape,
+            projs.tobytes(),
+            None if t is None else (t.shape, t.tobytes()),
+            tau,
+            lam,
+            eps_rel,
+            plausibility,
+        )
+        return self._get(
+            key,
+            lambda: fixed_point_check(
+                norms, projs, tau=tau, lam=lam, eps_rel=eps_rel, plausibility=plausibility, trusted=t
+            ),
+        )
+
+    def scale_ratio(self, norms: np.ndarray, projs: np.ndarray) -> float:
+        norms = np.asarray(norms, dtype=np.float64)
+        projs = np.asarray(projs, dtype=np.float64)
+        key = ("scale", norms.shape, norms.tobytes(), projs.shape, projs.tobytes())
+        return self._get(key, lambda: scale_ratio(norms, projs))
 
 
 def projection_report_matches(

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from btard.crypto import Identity
-from btard.protocol.checks import ProjectionCache
+from btard.protocol.checks import CheckCache, ProjectionCache
 from btard.protocol.messages import DecodeCache
 from btard.protocol.peer import Behaviour, BtardPeer, GradientOracle, ProtocolConfig, Send, StepResult
 from btard.protocol.state import Phase
@@ -40,10 +40,14 @@ class Harness:
         return p.step > c.step or (p.step == c.step and p.phase >= c.phase)
 
     def _flush(self, pid: bytes, results: dict[bytes, StepResult]) -> None:
-        for ev in self.peers[pid].events():
+        events = self.peers[pid].events()
+        if not events:
+            return
+        silent = self.crashed(pid)  # the peer's state does not change while its events are flushed
+        for ev in events:
             if isinstance(ev, StepResult):
                 results[pid] = ev
-            elif isinstance(ev, Send) and not self.crashed(pid):
+            elif isinstance(ev, Send) and not silent:
                 if self.on_send is not None:
                     self.on_send(pid, ev)
                 self.network.send(pid, ev.dests, ev.raw, self.now)
@@ -56,33 +60,51 @@ class Harness:
         `gradients[p]` is p's gradient (None for validators). Peers that crash are simply not in the result.
         """
         results: dict[bytes, StepResult] = {}
-        live = [pid for pid, p in self.peers.items() if not self.crashed(pid)]
-        deadline: dict[bytes, float | None] = {}
+        peers, network = self.peers, self.network
+        live = [pid for pid, p in peers.items() if not self.crashed(pid)]
+        # A peer's result, crash and deadline change only when it runs, so each is updated in `touched`:
+        # `waiting` holds the live peers without a result that have not crashed, `deadline` the pending
+        # deadlines, `earliest` their minimum (None: recompute).
+        waiting = set(live)
+        deadline: dict[bytes, float] = {}
+        earliest: list[float | None] = [None]
 
         def touched(pid: bytes) -> None:
             self._flush(pid, results)
-            waiting = pid not in results and not self.crashed(pid)
-            deadline[pid] = self.peers[pid].next_deadline if waiting else None
+            new = None
+            if pid in results or self.crashed(pid):
+                waiting.discard(pid)
+            else:
+                new = peers[pid].next_deadline
+            old = deadline.pop(pid, None)
+            if new is not None:
+                deadline[pid] = new
+            t = earliest[0]
+            if old is not None and old == t and (new is None or new > old):
+                earliest[0] = None  # the minimum may have moved up
+            elif new is not None and t is not None and new < t:
+                earliest[0] = new
 
         for pid in live:
-            self.peers[pid].begin_step(self.now, params_hash, gradients.get(pid))
+            peers[pid].begin_step(self.now, params_hash, gradients.get(pid))
             touched(pid)
         for _ in range(self.max_events):
-            if all(pid in results or self.crashed(pid) for pid in live):
+            if not waiting:
                 return results
-            t_msg = self.network.next_time()
-            pending = [d for d in deadline.values() if d is not None]
-            t_dead = min(pending) if pending else None
+            t_msg = network.next_time()
+            if earliest[0] is None and deadline:
+                earliest[0] = min(deadline.values())
+            t_dead = earliest[0] if deadline else None
             if t_msg is not None and (t_dead is None or t_msg <= t_dead):
-                self.now, _src, dest, raw = self.network.pop()
-                if dest in self.peers and not self.crashed(dest):
-                    self.peers[dest].receive(raw, self.now)  # after its result: buffered for the next step
+                self.now, _src, dest, raw = network.pop()
+                if dest in peers and not self.crashed(dest):
+                    peers[dest].receive(raw, self.now)  # after its result: buffered for the next step
                     touched(dest)
             elif t_dead is not None:
                 self.now = max(self.now, t_dead)
                 for pid in live:
-                    if deadline.get(pid) is not None:
-                        self.peers[pid].tick(self.now)
+                    if pid in deadline:
+                        peers[pid].tick(self.now)
                         touched(pid)
             else:
                 raise RuntimeError("deadlock: no message in flight and no deadline pending")
@@ -98,12 +120,14 @@ def build_peers(
     seed: int = 0,
     audits: Mapping[bytes, Callable[[str, object], None]] | None = None,
 ) -> dict[bytes, BtardPeer]:
-    """One peer per identity (index i gets ``behaviours[i]`` if given), sharing one projection cache and one
-    decode cache (both pure functions of public bytes, so sharing only saves time), with reproducible MPRNG
+    """One peer per identity (index i gets ``behaviours[i]`` if given), sharing one projection cache, one
+    decode cache and one check cache (all memos of pure functions of public bytes, so sharing only saves
+    time: every peer still receives, verifies and checks everything itself), with reproducible MPRNG
     secrets."""
     ids = [i.peer_id for i in identities]
     cache = ProjectionCache()
     decoded = DecodeCache()
+    checked = CheckCache()
     behaviours = behaviours or {}
     audits = audits or {}
     return {
@@ -116,6 +140,7 @@ def build_peers(
             secret_source=seeded_secrets(seed, ident.peer_id),
             projection_cache=cache,
             decode_cache=decoded,
+            check_cache=checked,
             audit=audits.get(ident.peer_id),
         )
         for i, ident in enumerate(identities)

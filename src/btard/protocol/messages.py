@@ -15,6 +15,7 @@ unpickles and never allocates more than ``limits.max_message_bytes``.
 from __future__ import annotations
 
 import enum
+import functools
 import struct
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -24,7 +25,15 @@ import msgpack
 import numpy as np
 import torch
 
-from btard.crypto import DIGEST_BYTES, PEER_ID_BYTES, SIGNATURE_BYTES, Identity, digest, verify
+from btard.crypto import (
+    DIGEST_BYTES,
+    PEER_ID_BYTES,
+    SIGNATURE_BYTES,
+    Identity,
+    bytes_digest,
+    digest,
+    verify,
+)
 from btard.protocol.errors import MalformedMessage
 
 PROTOCOL_VERSION = 1
@@ -102,6 +111,10 @@ class Message:
     def body_fields(self) -> list:
         raise NotImplementedError
 
+    def body_chunks(self) -> tuple[bytes, ...]:
+        """The msgpack body, as chunks whose concatenation it is (see `_TensorMessage`)."""
+        return (msgpack.packb(self.body_fields(), use_bin_type=True),)
+
     @classmethod
     def from_fields(cls, header: Header, fields: list, limits: Limits) -> Message:
         raise NotImplementedError
@@ -144,7 +157,7 @@ class GradCommit(Message):
     part_hashes: tuple[bytes, ...]
 
     def body_fields(self) -> list:
-        return [self.params_hash, list(self.part_hashes)]
+        return [self.params_hash, self.part_hashes]  # msgpack packs a tuple as the same array
 
     @classmethod
     def from_fields(cls, h: Header, f: list, limits: Limits) -> GradCommit:
@@ -168,6 +181,20 @@ class _TensorMessage(Message):
     def body_fields(self) -> list:
         return [self.part, self.data]
 
+    def body_chunks(self) -> tuple[bytes, ...]:
+        """msgpack's bytes for ``[part, data]`` without copying the (large) data: the array and bin headers
+        are written here exactly as msgpack writes them, the data follows as it is."""
+        n = len(self.data)
+        if n > 0xFFFFFFFF:
+            return super().body_chunks()  # beyond msgpack's bin format: let msgpack raise
+        if n <= 0xFF:
+            head = b"\xc4" + n.to_bytes(1, "big")
+        elif n <= 0xFFFF:
+            head = b"\xc5" + n.to_bytes(2, "big")
+        else:
+            head = b"\xc6" + n.to_bytes(4, "big")
+        return (b"\x92" + msgpack.packb(self.part) + head, self.data)
+
     @classmethod
     def from_fields(cls, h: Header, f: list, limits: Limits):
         return cls(
@@ -181,6 +208,22 @@ class _TensorMessage(Message):
     def tensor(self) -> torch.Tensor:
         """The part as a new float32 tensor (a copy: the message stays immutable)."""
         return torch.from_numpy(np.frombuffer(self.data, dtype="<f4").copy())
+
+    # Memoized pure functions of the message's bytes. A decoded message is immutable and, in the simulator,
+    # shared by every peer that received the same bytes (`DecodeCache`), so each is computed once per message.
+    @functools.cached_property
+    def all_finite(self) -> bool:
+        """Whether every float32 value of the part is finite."""
+        return bool(np.isfinite(np.frombuffer(self.data, dtype="<f4")).all())
+
+    def data_digest(self, domain: str, run_id: bytes, step: int, sender: bytes, index: int) -> bytes:
+        """`bytes_digest(domain, run_id, step, sender, index, self.data)`, memoized per argument list."""
+        memo = self.__dict__.setdefault("_digests", {})
+        key = (domain, run_id, step, sender, index)
+        h = memo.get(key)
+        if h is None:
+            h = memo[key] = bytes_digest(domain, run_id, step, sender, index, self.data)
+        return h
 
     @classmethod
     def of(cls, run_id: bytes, step: int, sender: bytes, part: int, t: torch.Tensor):
@@ -214,7 +257,7 @@ class AggCommit(Message):
     included: tuple[bytes, ...] = ()
 
     def body_fields(self) -> list:
-        return [self.part, self.agg_hash, list(self.included)]
+        return [self.part, self.agg_hash, self.included]
 
     @classmethod
     def from_fields(cls, h: Header, f: list, limits: Limits) -> AggCommit:
@@ -289,12 +332,14 @@ class Proj(Message):
             raise MalformedMessage("bad-field", "PROJ values must be finite and norms non-negative")
         return msg
 
-    @property
+    @functools.cached_property
     def norms(self) -> np.ndarray:
+        """(n,) read-only view of the bytes."""
         return np.frombuffer(self.norms_raw, dtype="<f8")
 
-    @property
+    @functools.cached_property
     def projections(self) -> np.ndarray:
+        """(n, K) read-only view of the bytes."""
         return np.frombuffer(self.projs_raw, dtype="<f8").reshape(-1, self.num_projections)
 
     @classmethod
@@ -322,7 +367,7 @@ class Accuse(Message):
     evidence: tuple[bytes, ...] = field(repr=False)
 
     def body_fields(self) -> list:
-        return [self.accused, self.about_step, int(self.reason), self.part, list(self.evidence)]
+        return [self.accused, self.about_step, int(self.reason), self.part, self.evidence]
 
     @classmethod
     def from_fields(cls, h: Header, f: list, limits: Limits) -> Accuse:
@@ -357,7 +402,7 @@ class Digest(Message):
     entries: tuple[tuple[bytes, int, bytes], ...]
 
     def body_fields(self) -> list:
-        return [self.of_kind, [list(e) for e in self.entries]]
+        return [self.of_kind, self.entries]
 
     @classmethod
     def from_fields(cls, h: Header, f: list, limits: Limits) -> Digest:
@@ -379,6 +424,16 @@ class Digest(Message):
 
     def slot(self) -> tuple:
         return (self.kind, self.sender, self.of_kind)
+
+    @functools.cached_property
+    def entry_set(self) -> frozenset[tuple[bytes, int, bytes]]:
+        """The entries as a set (memoized: a peer compares it with what it holds in one operation)."""
+        return frozenset(self.entries)
+
+    @functools.cached_property
+    def listed_slots(self) -> frozenset[tuple[int, bytes, int]]:
+        """The (kind, origin, index) slots the entries name."""
+        return frozenset((self.of_kind, origin, idx) for origin, idx, _ in self.entries)
 
 
 @dataclass(frozen=True)
@@ -463,19 +518,26 @@ def encode(msg: Message, identity: Identity) -> Signed:
     """Sign and encode `msg`. The identity must be the message's sender."""
     if identity.peer_id != msg.sender:
         raise ValueError("a message can only be signed by its sender")
-    body = msgpack.packb(msg.body_fields(), use_bin_type=True)
-    header = _HEADER.pack(MAGIC, PROTOCOL_VERSION, int(msg.kind), msg.run_id, msg.step, msg.sender, len(body))
-    d = _message_digest(header, body)
-    return Signed(msg, header + body + identity.sign(d), d)
+    chunks = msg.body_chunks()
+    body_len = sum(len(c) for c in chunks)
+    header = _HEADER.pack(MAGIC, PROTOCOL_VERSION, int(msg.kind), msg.run_id, msg.step, msg.sender, body_len)
+    body_hash = blake3.blake3()
+    for c in chunks:
+        body_hash.update(c)
+    d = digest("msg", header, body_hash.digest())  # = _message_digest(header, body)
+    return Signed(msg, b"".join((header, *chunks, identity.sign(d))), d)
 
 
 class DecodeCache:
     """Remembers decoded messages by their exact bytes. `decode` is a pure function of (bytes, limits), so
     peers simulated in one process can share one cache and decode and verify each distinct message once.
-    Never share it between processes or trust boundaries: it is an optimisation of the simulator. Bounded."""
+    Never share it between processes or trust boundaries: it is an optimisation of the simulator. Bounded in
+    entries and in bytes (the oldest go first: at d = 11.2M one step's parts alone take ~700 MB)."""
 
-    def __init__(self, max_entries: int = 50_000) -> None:
+    def __init__(self, max_entries: int = 50_000, max_bytes: int = 1 << 30) -> None:
         self._max = max_entries
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._store: dict[tuple[bytes, Limits], Signed] = {}
 
     def decode(self, raw: bytes, limits: Limits) -> Signed:
@@ -484,9 +546,11 @@ class DecodeCache:
         if hit is not None:
             return hit
         s = decode(raw, limits)
-        if len(self._store) >= self._max:
-            self._store.clear()
         self._store[key] = s
+        self._bytes += len(s.raw)
+        while len(self._store) > self._max or (self._bytes > self._max_bytes and len(self._store) > 1):
+            oldest = next(iter(self._store))
+            self._bytes -= len(self._store.pop(oldest).raw)
         return s
 
 
@@ -510,7 +574,8 @@ def decode(raw: bytes, limits: Limits = Limits()) -> Signed:
         cls = MESSAGE_TYPES[Kind(kind)]
     except ValueError as e:
         raise MalformedMessage("bad-kind", f"unknown message kind {kind}") from e
-    header, body = raw[:HEADER_BYTES], raw[HEADER_BYTES : HEADER_BYTES + body_len]
+    header = raw[:HEADER_BYTES]
+    body = memoryview(raw)[HEADER_BYTES : HEADER_BYTES + body_len]  # no copy of a large body
     d = _message_digest(header, body)
     if not verify(sender, d, raw[-SIGNATURE_BYTES:]):
         raise MalformedMessage("bad-signature", "signature does not verify for the claimed sender")

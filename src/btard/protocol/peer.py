@@ -9,6 +9,7 @@ or clocks. Gradients of other peers (for validation and for resolving a validato
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -45,12 +46,15 @@ from btard.protocol.state import BARRIER_KINDS, CONTENT_KINDS, PHASE_START, Phas
 
 GENESIS = digest("genesis")
 _KIND_VALUES = frozenset(int(k) for k in Kind)
+_KINDS: dict[int, Kind] = {int(k): k for k in Kind}
 # A peer buffers messages of the next step only (peers finish a step at slightly different times); at most
 # this many per sender, which covers every message an honest peer sends in one step for n ≤ 1024.
 MAX_BUFFERED_PER_SENDER = 64
 # An aggregated part listed by a digest but missing here is pulled this many phase timeouts after the listing
 # (at once when its aggregator's own digest already came): see `BtardPeer._part_pull_due`.
 PART_PULL_GRACE = 0.25
+# A JOIN names the step its sender believes the run is at; older than this many steps, it is a replay.
+JOIN_WINDOW = 8
 
 GradientOracle = Callable[[int, bytes], torch.Tensor]
 """(step, peer id) -> the gradient that peer must have computed at that step (from public data)."""
@@ -93,6 +97,16 @@ class Send:
 
     dests: tuple[bytes, ...]
     raw: bytes
+
+
+@dataclass(frozen=True)
+class PhaseEntered:
+    """The peer entered `phase` of `step`. Emitted in order with the `Send` events, before the messages of
+    that phase, so a driver can observe (or, for fault injection, crash at) every phase even when several
+    are passed in one call."""
+
+    step: int
+    phase: Phase
 
 
 @dataclass(frozen=True)
@@ -199,6 +213,7 @@ class _Barrier:
         self.deadline2 = start + 2 * timeout
         self.digest_sent = False
         self.want: set[tuple[bytes, int]] | None = None
+        self.want_left: set[tuple[bytes, int]] | None = None  # the part of `want` not yet received
         self.retry_at = start + 1.5 * timeout
         self.repulled = False
 
@@ -220,6 +235,7 @@ class BtardPeer:
         secret_source: Callable[[int], bytes] = os.urandom,
         projection_cache: checks.ProjectionCache | None = None,
         decode_cache: DecodeCache | None = None,
+        check_cache: checks.CheckCache | None = None,
         audit: Callable[[str, object], None] | None = None,
         observers: Sequence[bytes] = (),
         probation: dict[bytes, int] | None = None,
@@ -246,14 +262,21 @@ class BtardPeer:
         self._secret_source = secret_source
         self._zcache = projection_cache or checks.ProjectionCache()
         self._dcache = decode_cache
+        self._ccache = check_cache
         self._audit = audit or (lambda kind, obj: None)
         self._outbox: list[object] = []
         self._records: dict[int, _StepRecord] = {}
         self._buffer: dict[bytes, list[bytes]] = defaultdict(list)
         self._prev: tuple[int, dict, dict] | None = None  # the last finished step's messages, to answer pulls
         self.rejected = 0
+        # Views of the membership, recomputed when `members`, `validators`, `observers` or `banned` change.
         self._contrib_key: tuple | None = None
         self._contrib: tuple[bytes, ...] = ()
+        self._contrib_set: frozenset[bytes] = frozenset()
+        self._members_key: tuple[bytes, ...] | None = None
+        self._member_set: frozenset[bytes] = frozenset()
+        self._others_key: tuple | None = None
+        self._others_val: tuple[bytes, ...] = ()
         self._reset_step_state()
 
     # ------------------------------------------------------------------ public API
@@ -264,13 +287,30 @@ class BtardPeer:
     @property
     def contributors(self) -> tuple[bytes, ...]:
         """Members that commit a gradient this step (all but the validators and the observers)."""
-        key = (self.members, tuple(self.validators), self.observers)
-        if self._contrib_key != key:
-            self._contrib_key = key
+        key = self._contrib_key
+        if (
+            key is None
+            or key[0] is not self.members
+            or key[1] is not self.validators
+            or key[2] is not self.observers
+            or key[3] != tuple(self.validators)
+        ):
+            self._contrib_key = (self.members, self.validators, self.observers, tuple(self.validators))
             self._contrib = tuple(
                 p for p in self.members if p not in self.validators and p not in self.observers
             )
+            self._contrib_set = frozenset(self._contrib)
         return self._contrib
+
+    def _is_contributor(self, pid: bytes) -> bool:
+        _ = self.contributors  # refreshes the set if the membership changed
+        return pid in self._contrib_set
+
+    def _is_member(self, pid: bytes) -> bool:
+        if self._members_key is not self.members:
+            self._members_key = self.members
+            self._member_set = frozenset(self.members)
+        return pid in self._member_set
 
     def on_probation(self, pid: bytes) -> bool:
         """Whether `pid` is on probation this step: it commits, projects and is validated, but sends no parts
@@ -292,15 +332,21 @@ class BtardPeer:
 
     @property
     def next_deadline(self) -> float | None:
-        b = self._barrier
-        if self.phase in (Phase.IDLE, Phase.DONE):
+        phase = self.phase
+        if phase == Phase.IDLE or phase == Phase.DONE:
             return None
+        b = self._barrier
+        if b is not None and not self._part_wants and phase != Phase.SCATTER:  # the common case, inlined
+            t = b.deadline1 if not b.digest_sent else b.deadline2
+            if self._awaiting and not b.repulled and b.retry_at < t:
+                t = b.retry_at
+            return t
         cands = []
         if b is not None:
             cands.append(b.deadline1 if not b.digest_sent else b.deadline2)
             if self._awaiting and not b.repulled:
                 cands.append(b.retry_at)
-        if self.phase == Phase.SCATTER and self._scatter_deadlines:
+        if phase == Phase.SCATTER and self._scatter_deadlines:
             cands.append(self._scatter_deadlines[-1])
         for (origin, idx), (first, holders) in self._part_wants.items():
             if (Kind.AGG_PART, origin, idx) not in self.slots and any(
@@ -323,6 +369,7 @@ class BtardPeer:
         n = len(self.aggregating)
         self.bounds = checks.part_bounds(self.cfg.dim, max(n, 1))
         self.order = checks.part_order(self.aggregating, self.r_prev)
+        self._outbox.append(PhaseEntered(self.step, Phase.COMMIT))
         if gradient is not None:
             g = self.behaviour.gradient(self, gradient.detach().to(torch.float32).reshape(-1))
             if g.numel() != self.cfg.dim:
@@ -334,7 +381,7 @@ class BtardPeer:
             ]
             hashes = self.behaviour.commit_hashes(self, hashes)
             self._broadcast(GradCommit(self.cfg.run_id, self.step, self.id, params_hash, tuple(hashes)))
-        self._enter(Phase.COMMIT, now)
+        self._enter(Phase.COMMIT, now, announce=False)  # announced before the commit went out (above)
         if self.is_validator:
             self._validate(self.validators[self.id])
         for raw in [r for lst in self._buffer.values() for r in lst]:
@@ -360,7 +407,7 @@ class BtardPeer:
             self._on_join(s)
             self._advance(now)
             return
-        if m.sender not in self.members or m.sender in self.banned:
+        if not self._is_member(m.sender) or m.sender in self.banned:
             self._reject("sender is not an active member")
             return
         if m.kind == Kind.PULL and self._prev is not None and m.step == self._prev[0]:
@@ -391,7 +438,7 @@ class BtardPeer:
         if m.sender in self.members or m.sender in self.banned or not self._admit(m.sender):
             self._reject("join from a member, a banned or a not admitted peer")
             return
-        if not self.step - 2 <= m.step <= self.step + 1:
+        if not self.step - JOIN_WINDOW <= m.step <= self.step + 1:
             self._reject(f"join for step {m.step} during step {self.step} (stale or replayed)")
             return
         if s.msg_digest in self.public or self.phase in (Phase.IDLE, Phase.DONE):
@@ -416,6 +463,11 @@ class BtardPeer:
         self._barrier: _Barrier | None = None
         self._t0 = 0.0
         self._expect: set[tuple] = set()
+        self._missing: set[tuple] = set()  # the slots of `_expect` not filled yet (kept by `_put_slot`)
+        # kind -> {(origin, index, message digest)} of the filled slots: what a DIGEST of that kind would list
+        self._held: dict[Kind, set[tuple[bytes, int, bytes]]] = {}
+        # kind -> {(origin, index): message digest}, in the order the slots were filled (the DIGEST's order)
+        self._held_order: dict[Kind, dict[tuple[bytes, int], bytes]] = {}
         self._pulled: set[tuple] = set()
         self._digests_from: set[tuple[bytes, int]] = set()  # (sender, kind) of digests this step
         # digests of messages pulled and not yet received -> (kind, origin, index) to pull them again
@@ -437,19 +489,40 @@ class BtardPeer:
         self.bounds = []
         self.order = []
 
-    def _enter(self, phase: Phase, now: float) -> None:
+    def _enter(self, phase: Phase, now: float, announce: bool = True) -> None:
+        if announce:
+            self._outbox.append(PhaseEntered(self.step, phase))
         self.phase = phase
         kinds = BARRIER_KINDS.get(phase)
         start = self._t0 + PHASE_START[phase] * self.cfg.phase_timeout
         self._barrier = _Barrier(kinds, start, self.cfg.phase_timeout) if kinds else None
         self._expect = self._expected(phase)
+        self._missing = {k for k in self._expect if k not in self.slots}
         for msg, dests in self.behaviour.extra_messages(self, phase):
             raw = msg if isinstance(msg, bytes) else encode(msg, self.identity).raw
             self._outbox.append(Send(tuple(dests), raw))
 
     # ------------------------------------------------------------------ sending
     def _others(self) -> tuple[bytes, ...]:
-        return tuple(p for p in self.members if p != self.id and p not in self.banned)
+        key = self._others_key
+        if key is None or key[0] is not self.members or key[1] != len(self.banned):
+            self._others_key = (self.members, len(self.banned))  # `banned` only grows
+            self._others_val = tuple(p for p in self.members if p != self.id and p not in self.banned)
+        return self._others_val
+
+    def _put_slot(self, key: tuple, s: Signed) -> None:
+        """Fill (or overwrite) a slot, keeping `_missing` and `_held` in step with `slots`."""
+        old = self.slots.get(key)
+        self.slots[key] = s
+        held = self._held.get(key[0])
+        if held is None:
+            held = self._held[key[0]] = set()
+            self._held_order[key[0]] = {}
+        if old is not None:
+            held.discard((key[1], key[2], old.msg_digest))
+        held.add((key[1], key[2], s.msg_digest))
+        self._held_order[key[0]][key[1], key[2]] = s.msg_digest  # an overwrite keeps its place, as in `slots`
+        self._missing.discard(key)
 
     def _sign(self, msg: Message) -> Signed:
         s = encode(msg, self.identity)
@@ -457,7 +530,9 @@ class BtardPeer:
         own = self._own.setdefault(msg.kind, {})
         own[s.msg_digest if msg.kind == Kind.ACCUSE else msg.slot()] = s
         if msg.kind in CONTENT_KINDS:
-            self.slots.setdefault(msg.slot(), s)
+            slot = msg.slot()
+            if slot not in self.slots:
+                self._put_slot(slot, s)
             if msg.kind in (Kind.AGG_PART, Kind.AGG_COMMIT):
                 self._agg_cache.pop(msg.part, None)
         elif msg.kind == Kind.ACCUSE:
@@ -530,7 +605,7 @@ class BtardPeer:
                 self._audit("msg", s)
                 self._accuse(m.sender, Reason.EQUIVOCATION, getattr(m, "part", 0), (old, s), self.step)
             return
-        self.slots[slot] = s
+        self._put_slot(slot, s)
         self._audit("msg", s)
         if m.kind == Kind.GRAD_PART:
             self._on_grad_part(s, now)
@@ -545,9 +620,8 @@ class BtardPeer:
                     self._verify_part(self.slots[(Kind.GRAD_PART, m.sender, j)])
 
     def _role_ok(self, m: Message) -> bool:
-        contributors = self.contributors
         if m.kind in (Kind.GRAD_COMMIT, Kind.PROJ, Kind.GRAD_PART):
-            if m.sender not in contributors:
+            if not self._is_contributor(m.sender):
                 return False
             if m.kind == Kind.GRAD_PART and self.on_probation(m.sender):
                 return False
@@ -556,37 +630,42 @@ class BtardPeer:
             if not 0 <= m.part < len(self.bounds):
                 return False
             agg = self.aggregators.get(m.part)
-            return agg == m.sender if agg is not None else m.sender in contributors
+            return agg == m.sender if agg is not None else self._is_contributor(m.sender)
         return True
 
     def _on_digest(self, s: Signed, now: float) -> None:
         m: Digest = s.msg
-        try:
-            kind = Kind(m.of_kind)
-        except ValueError:
+        kind = _KINDS.get(m.of_kind)
+        if kind is None:
             return
         # Kept for the whole step: a faster peer's digest of a later phase may arrive before we get there.
-        self._digests_from.add((m.sender, int(kind)))
-        listed = set()
-        for origin, idx, h in m.entries:
-            if kind == Kind.ACCUSE:
+        got = (m.sender, int(kind))
+        self._digests_from.add(got)
+        b = self._barrier
+        if b is not None and b.want_left is not None:
+            b.want_left.discard(got)
+        if kind == Kind.ACCUSE:
+            listed = set()
+            for _origin, idx, h in m.entries:
                 listed.add(h)
                 have = h in self.accusations or h in self.public
-                origin = h  # public items are pulled by digest
-            else:
-                key = (kind, origin, idx)
-                listed.add(key)
-                mine = self.slots.get(key)
-                have = mine is not None and mine.msg_digest == h
-            if not have and (kind, origin, idx, h, m.sender) not in self._pulled:
-                self._pulled.add((kind, origin, idx, h, m.sender))
-                self._awaiting[h] = (int(kind), origin, idx)
-                self._send_to(m.sender, Pull(self.cfg.run_id, self.step, self.id, m.of_kind, origin, idx))
-            if kind == Kind.AGG_COMMIT and (Kind.AGG_PART, origin, idx) not in self.slots:
-                first, holders = self._part_wants.setdefault((origin, idx), (now, set()))
-                holders.add(m.sender)
+                self._want_listed(kind, h, idx, h, m.sender, have)  # public items are pulled by digest
+        else:
+            listed = m.listed_slots
+            held = self._held.get(kind)
+            if held is None or not m.entry_set <= held:  # else we hold every listed message: nothing to pull
+                for origin, idx, h in m.entries:
+                    mine = self.slots.get((kind, origin, idx))
+                    self._want_listed(
+                        kind, origin, idx, h, m.sender, mine is not None and mine.msg_digest == h
+                    )
+            if kind == Kind.AGG_COMMIT:
+                for origin, idx, _h in m.entries:
+                    if (Kind.AGG_PART, origin, idx) not in self.slots:
+                        first, holders = self._part_wants.setdefault((origin, idx), (now, set()))
+                        holders.add(m.sender)
         # Public re-send: whatever of mine the digest's sender lacks, it gets again.
-        if m.sender in self.members:
+        if self._is_member(m.sender):
             if kind == Kind.ACCUSE:
                 mine = {d: x for d, x in self._public_items().items() if x.msg.sender == self.id}
             else:
@@ -594,6 +673,13 @@ class BtardPeer:
             for key, own in mine.items():
                 if key not in listed:
                     self._outbox.append(Send((m.sender,), own.raw))
+
+    def _want_listed(self, kind: Kind, origin: bytes, idx: int, h: bytes, holder: bytes, have: bool) -> None:
+        """A digest of `holder` lists message `h` in slot (kind, origin, idx): pull it once unless we have it."""
+        if not have and (kind, origin, idx, h, holder) not in self._pulled:
+            self._pulled.add((kind, origin, idx, h, holder))
+            self._awaiting[h] = (int(kind), origin, idx)
+            self._send_to(holder, Pull(self.cfg.run_id, self.step, self.id, int(kind), origin, idx))
 
     def _part_pull_due(self, origin: bytes, first: float) -> float:
         """When to pull an aggregated part that a digest listed and we lack. Parts are large, and the one on
@@ -679,12 +765,12 @@ class BtardPeer:
         if len(m.data) // 4 != self._expected_part_len(j):
             self._accuse(m.sender, Reason.BAD_SHAPE, j, (s,), self.step)
             return False
-        if not np.isfinite(np.frombuffer(m.data, dtype="<f4")).all():
+        if not m.all_finite:
             self._accuse(m.sender, Reason.NONFINITE, j, (s,), self.step)
             return False
         if commit is None:
             return False
-        h = bytes_digest("grad-part", self.cfg.run_id, self.step, m.sender, j, m.data)
+        h = m.data_digest("grad-part", self.cfg.run_id, self.step, m.sender, j)
         if len(commit.msg.part_hashes) != len(self.bounds) or commit.msg.part_hashes[j] != h:
             self._accuse(m.sender, Reason.COMMIT_MISMATCH, j, (commit, s), self.step)
             return False
@@ -695,12 +781,12 @@ class BtardPeer:
         p = self.slots.get((Kind.AGG_PART, self.aggregators.get(j, b""), j))
         if c is None or p is None:
             return
-        h = bytes_digest("agg-part", self.cfg.run_id, self.step, p.msg.sender, j, p.msg.data)
+        h = p.msg.data_digest("agg-part", self.cfg.run_id, self.step, p.msg.sender, j)
         if h != c.msg.agg_hash:
             self._accuse(p.msg.sender, Reason.EQUIVOCATION, j, (c, p), self.step)
         elif len(p.msg.data) // 4 != self._expected_part_len(j):
             self._accuse(p.msg.sender, Reason.BAD_SHAPE, j, (p,), self.step)
-        elif not np.isfinite(np.frombuffer(p.msg.data, dtype="<f4")).all():
+        elif not p.msg.all_finite:
             self._accuse(p.msg.sender, Reason.NONFINITE, j, (p,), self.step)
 
     def _check_reveal(self, sender: bytes) -> None:
@@ -757,7 +843,7 @@ class BtardPeer:
         b = self._barrier
         if b is None:
             return
-        have_all = self._expect.issubset(self.slots.keys())
+        have_all = not self._missing
         if not b.digest_sent and (have_all or now >= b.deadline1):
             b.digest_sent = True
             for k in b.digest_kinds:
@@ -765,10 +851,8 @@ class BtardPeer:
                     entries = tuple(
                         (s.msg.sender, int(s.msg.kind), d) for d, s in self._public_items().items()
                     )
-                else:
-                    entries = tuple(
-                        (key[1], key[2], s.msg_digest) for key, s in self.slots.items() if key[0] == k
-                    )
+                else:  # the slots of kind k in the order they were filled
+                    entries = tuple((o, i, d) for (o, i), d in self._held_order.get(k, {}).items())
                 self._broadcast(Digest(self.cfg.run_id, self.step, self.id, int(k), entries))
         if not b.digest_sent:
             return
@@ -777,13 +861,15 @@ class BtardPeer:
             if ph == Phase.ACCUSE:
                 live = set(self._live())
                 b.want = {(p, k) for (p, k) in b.want if p in live}
-        for h in [h for h in self._awaiting if h in self._seen]:
-            del self._awaiting[h]
+            b.want_left = b.want - self._digests_from
+        if self._awaiting:
+            for h in [h for h in self._awaiting if h in self._seen]:
+                del self._awaiting[h]
         if self._awaiting and not b.repulled and now >= b.retry_at:
             b.repulled = True  # the first pull (or its answer) may have been lost: ask everyone once more
-            for kind, origin, idx in set(self._awaiting.values()):
+            for kind, origin, idx in dict.fromkeys(self._awaiting.values()):  # deduplicated, in a fixed order
                 self._broadcast(Pull(self.cfg.run_id, self.step, self.id, kind, origin, idx))
-        if (have_all and not self._awaiting and b.want.issubset(self._digests_from)) or now >= b.deadline2:
+        if (have_all and not self._awaiting and not b.want_left) or now >= b.deadline2:
             self._close(ph, now)
 
     def _close(self, ph: Phase, now: float) -> None:
@@ -844,7 +930,7 @@ class BtardPeer:
             msg = GradPart.of(self.cfg.run_id, self.step, self.id, j, part)
             if dest == self.id:
                 s = self._sign(msg)
-                self.slots[(Kind.GRAD_PART, self.id, j)] = s
+                self._put_slot((Kind.GRAD_PART, self.id, j), s)
             else:
                 self._send_to(dest, msg)
 
@@ -930,7 +1016,9 @@ class BtardPeer:
         ]
         length = self._expected_part_len(j)
         if senders:
-            x = torch.stack([self.slots[(Kind.GRAD_PART, p, j)].msg.tensor() for p in senders])
+            x = torch.from_numpy(  # one copy of the received bytes into a new (senders, length) tensor
+                np.stack([np.frombuffer(self.slots[(Kind.GRAD_PART, p, j)].msg.data, "<f4") for p in senders])
+            )
             res = centered_clip(
                 x, self.cfg.tau, lam=self.cfg.lam, eps_rel=self.cfg.eps_rel, max_iter=self.cfg.max_iter
             )
@@ -942,13 +1030,24 @@ class BtardPeer:
         committed_value = self.behaviour.agg_commit_value(self, j, agg)
         h = tensor_digest("agg-part", self.cfg.run_id, self.step, self.id, j, committed_value)
         self._broadcast(AggCommit(self.cfg.run_id, self.step, self.id, j, h, tuple(senders)))
+        last: Signed | None = None
+        last_value: tuple[torch.Tensor, int] | None = None  # the tensor `last` was made from, and its version
         for dest in self.members:
             value = self.behaviour.aggregate(self, j, dest, committed_value)
-            msg = AggPart.of(self.cfg.run_id, self.step, self.id, j, value)
-            if dest == self.id:
-                self.slots.setdefault((Kind.AGG_PART, self.id, j), self._sign(msg))
-            elif dest not in self.banned:
-                self._send_to(dest, msg)
+            if dest != self.id and dest in self.banned:
+                continue
+            if last_value is not None and last_value[0] is value and last_value[1] == value._version:
+                msg = last.msg  # the very tensor `last` was made from, not modified since
+            else:
+                msg = AggPart.of(self.cfg.run_id, self.step, self.id, j, value)
+            if last is not None and last.msg == msg:
+                s = last  # Ed25519 is deterministic: the same message signs to the same bytes
+                self._audit("msg", s)
+            else:
+                s = last = self._sign(msg)  # the first one fills our own slot (AGG_PART, self, j)
+                last_value = (value, value._version)
+            if dest != self.id:
+                self._outbox.append(Send((dest,), s.raw))
 
     # ------------------------------------------------------------------ MPRNG and projections
     def _shared_random(self) -> bytes:
@@ -974,10 +1073,9 @@ class BtardPeer:
             return None
         if len(p.msg.data) // 4 != self._expected_part_len(j):
             return None
-        if bytes_digest("agg-part", self.cfg.run_id, self.step, a, j, p.msg.data) != c.msg.agg_hash:
+        if p.msg.data_digest("agg-part", self.cfg.run_id, self.step, a, j) != c.msg.agg_hash:
             return None
-        t = p.msg.tensor()
-        return t if bool(torch.isfinite(t).all()) else None
+        return p.msg.tensor() if p.msg.all_finite else None
 
     def _zs(self) -> list[torch.Tensor]:
         return [
@@ -1177,8 +1275,8 @@ class BtardPeer:
 
         failed, missing, unapplied = [], [], []
         published: dict[int, torch.Tensor] = {}
-        agg_full = torch.zeros(self.cfg.dim)
-        for j, (a, b) in enumerate(self.bounds):
+        applied: dict[int, torch.Tensor] = {}  # parts of ĝ that are applied (the others stay zero)
+        for j in range(len(self.bounds)):
             aggregator = self.aggregators.get(j)
             agg = None if j in void else self._aggregate_part(j)
             if agg is None:
@@ -1200,7 +1298,7 @@ class BtardPeer:
                 continue
             projs = [self.slots.get((Kind.PROJ, p, 0)) for p in senders]
             if any(pr is None or pr.msg.norms.shape[0] != len(self.bounds) for pr in projs) or not senders:
-                agg_full[a:b] = agg  # a silent reporter leaves the part unchecked this step (it is excluded)
+                applied[j] = agg  # a silent reporter leaves the part unchecked this step (it is excluded)
                 continue
             norms = np.array([pr.msg.norms[j] for pr in projs])
             s_vals = np.stack([pr.msg.projections[j] for pr in projs])
@@ -1209,7 +1307,8 @@ class BtardPeer:
                 if (j, p) in corrected:
                     norms[i], s_vals[i] = corrected[(j, p)]
                     trusted[i] = True
-            res = checks.fixed_point_check(
+            check = self._ccache or checks  # a shared memo of the same pure functions, or the functions
+            res = check.fixed_point_check(
                 norms,
                 s_vals,
                 tau=self.cfg.tau,
@@ -1220,9 +1319,9 @@ class BtardPeer:
             )
             if res.ok and (
                 len(senders) < checks.SCALE_MIN_REPORTS
-                or checks.scale_ratio(norms, s_vals) <= checks.SCALE_LIMIT
+                or check.scale_ratio(norms, s_vals) <= checks.SCALE_LIMIT
             ):
-                agg_full[a:b] = agg
+                applied[j] = agg
             elif res.ok:
                 unapplied.append(j)
             else:
@@ -1233,6 +1332,13 @@ class BtardPeer:
                     None,
                     (),
                 )
+        dtype = torch.get_default_dtype()
+        agg_full = torch.cat(  # a new tensor (never a view of a part the peer keeps)
+            [
+                applied[j] if j in applied else torch.zeros(b - a, dtype=dtype)
+                for j, (a, b) in enumerate(self.bounds)
+            ]
+        ).to(dtype)
         missing_set = set(missing)
         excluded = set(self.contributors) - set(self.committed)
         excluded |= {self.aggregators[j] for j in missing_set if j in self.aggregators}
@@ -1320,7 +1426,12 @@ class BtardPeer:
 
 
 def _mprng_commitment(peer: BtardPeer, sender: bytes, secret: bytes) -> bytes:
-    return digest("mprng", peer.cfg.run_id, peer.step, sender, secret)
+    return _mprng_digest(peer.cfg.run_id, peer.step, sender, secret)
+
+
+@functools.lru_cache(maxsize=4096)
+def _mprng_digest(run_id: bytes, step: int, sender: bytes, secret: bytes) -> bytes:
+    return digest("mprng", run_id, step, sender, secret)
 
 
 def choose_validators(
@@ -1337,10 +1448,21 @@ def choose_validators(
     and there is at least one validator while any is on probation. At most ⌊(len(members) − 1)/2⌋
     validators, so contributors stay the majority of the next step.
     """
+    return dict(_choose_validators(tuple(members), tuple(candidates), r, m, tuple(priority)))
+
+
+@functools.lru_cache(maxsize=64)  # a pure function of public values; every peer of a simulation asks it
+def _choose_validators(
+    members: tuple[bytes, ...],
+    candidates: tuple[bytes, ...],
+    r: bytes,
+    m: int,
+    priority: tuple[bytes, ...],
+) -> tuple[tuple[bytes, bytes], ...]:
     priority = [c for c in priority if c in candidates]
     m = min(max(m, 1 if priority else 0), (len(members) - 1) // 2)
     if m <= 0 or not candidates:
-        return {}
+        return ()
     ranked = sorted(members, key=lambda p: digest("validator", r, p))
     out: dict[bytes, bytes] = {}
     for c in sorted(priority, key=lambda c: digest("probation-target", r, c))[:m]:
@@ -1355,4 +1477,4 @@ def choose_validators(
         targets = sorted((c for c in candidates if c != v), key=lambda c: digest("target", r, v, c))
         if targets:
             out[v] = targets[0]
-    return out
+    return tuple(out.items())

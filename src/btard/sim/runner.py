@@ -9,10 +9,12 @@ full gradient vectors: ``mean`` (no defense) and server-side ``median``, ``trimm
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,6 +67,21 @@ class SimConfig:
             raise ValueError("Byzantine peers need an --attack")
         if isinstance(self.tau, str) and self.tau != "adaptive":
             self.tau = float(self.tau)
+
+
+@contextlib.contextmanager
+def frozen_gc() -> Iterator[None]:
+    """Keep the objects alive when the block starts (modules, the model, the data) out of the cyclic garbage
+    collector's passes while it runs (`gc.freeze`), and give them back at its end (`gc.unfreeze`). A step
+    allocates many short-lived objects, so the collector runs often, and each of its older-generation passes
+    otherwise walks every object of the process (~300k with torch loaded): ~15 ms of a 16-peer MNIST step.
+    Garbage is collected before freezing, so nothing is kept that was already unreachable."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 @dataclass
@@ -298,23 +315,26 @@ class Simulator:
             (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
             metrics_file = open(self.out / "metrics.jsonl", "w")  # noqa: SIM115
         try:
-            for t in range(cfg.steps):
-                m = self.step(t)
-                if (t + 1) % cfg.eval_every == 0 or t == cfg.steps - 1:
-                    ev = self.task.evaluate(self.params, None if t == cfg.steps - 1 else cfg.eval_examples)
-                    m.test_accuracy, m.test_loss = ev["accuracy"], ev["loss"]
-                self.metrics.append(m)
-                if metrics_file is not None:
-                    metrics_file.write(json.dumps(asdict(m)) + "\n")
-                    metrics_file.flush()
-                if bar is not None:
-                    bar.update(1)
-                    post = {"loss": f"{m.loss:.3f}", "bans": len(self.ban_log)}
-                    if m.test_accuracy is not None:
-                        post["acc"] = f"{m.test_accuracy:.3f}"
-                    bar.set_postfix(post)
-                if on_step is not None:
-                    on_step(m)
+            with frozen_gc():
+                for t in range(cfg.steps):
+                    m = self.step(t)
+                    if (t + 1) % cfg.eval_every == 0 or t == cfg.steps - 1:
+                        ev = self.task.evaluate(
+                            self.params, None if t == cfg.steps - 1 else cfg.eval_examples
+                        )
+                        m.test_accuracy, m.test_loss = ev["accuracy"], ev["loss"]
+                    self.metrics.append(m)
+                    if metrics_file is not None:
+                        metrics_file.write(json.dumps(asdict(m)) + "\n")
+                        metrics_file.flush()
+                    if bar is not None:
+                        bar.update(1)
+                        post = {"loss": f"{m.loss:.3f}", "bans": len(self.ban_log)}
+                        if m.test_accuracy is not None:
+                            post["acc"] = f"{m.test_accuracy:.3f}"
+                        bar.set_postfix(post)
+                    if on_step is not None:
+                        on_step(m)
         finally:
             if bar is not None:
                 bar.close()

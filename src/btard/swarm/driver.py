@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from btard.protocol.messages import MAGIC
-from btard.protocol.peer import BtardPeer, Send, StepResult
+from btard.protocol.peer import BtardPeer, PhaseEntered, Send, StepResult
 from btard.protocol.state import Phase
 from btard.transport.base import Incoming, Transport, TransportClosed, TransportError
 
@@ -119,7 +119,7 @@ class ProtocolDriver:
     """Runs one `BtardPeer` over ``transport``. Call :meth:`start` on the loop, :meth:`attach` the peer
     (messages that came earlier are replayed to it), then :meth:`run_step` once per step.
 
-    ``on_phase(step, phase)`` is called whenever the peer is seen in a new phase, before the messages of
+    ``on_phase(step, phase)`` is called for every phase the peer enters (`PhaseEntered`), before the messages of
     that transition are handed to the transport (fault-injection tests crash the process there).
     """
 
@@ -141,7 +141,6 @@ class ProtocolDriver:
         self._results: list[StepResult] = []
         self._wake = asyncio.Event()
         self._recv_task: asyncio.Task | None = None
-        self._seen: tuple[int, Phase] = (-1, Phase.IDLE)
         self._timing = StepTiming()
         self._t0 = 0.0
         self.received = 0
@@ -187,15 +186,14 @@ class ProtocolDriver:
     def _pump(self) -> None:
         peer = self.peer
         assert peer is not None
-        state = (peer.step, peer.phase)
-        if state != self._seen:
-            self._seen = state
-            if peer.phase not in (Phase.IDLE, Phase.DONE):
-                self._timing.phases.setdefault(peer.phase.name, self._clock() - self._t0)
-            if self._on_phase is not None:
-                self._on_phase(peer.step, peer.phase)
         for ev in peer.events():
-            if isinstance(ev, Send):
+            if isinstance(
+                ev, PhaseEntered
+            ):  # in order with the sends: on_phase runs before that phase's sends
+                self._timing.phases.setdefault(ev.phase.name, self._clock() - self._t0)
+                if self._on_phase is not None:
+                    self._on_phase(ev.step, ev.phase)
+            elif isinstance(ev, Send):
                 for dest in ev.dests:
                     if dest != peer.id:
                         self.outbox.put(dest, ev.raw)
