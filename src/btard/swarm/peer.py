@@ -86,6 +86,7 @@ from btard.swarm.control import (
 )
 from btard.swarm.driver import ProtocolDriver, StepTiming
 from btard.training import Task, get_task
+from btard.training.optim import FlatOptimizer
 from btard.transport.base import Incoming
 
 HELLO_INTERVAL_S = 1.0  # how often a follower asks the coordinator for the genesis until it has it
@@ -733,7 +734,8 @@ class SwarmPeer:
         outcome = await self._train(metrics)
         return outcome
 
-    def _load_state(self, st: State):
+    def _load_state(self, st: State) -> tuple[torch.Tensor, FlatOptimizer]:
+        """The parameters and an optimizer loaded from a STATE or WELCOME; ValueError if they do not fit."""
         if len(st.params) != 4 * self.task.dim:
             raise ValueError(f"state has {len(st.params) // 4} parameters, the task {self.task.dim}")
         params = torch.frombuffer(bytearray(st.params), dtype=torch.float32)
@@ -810,16 +812,9 @@ class SwarmPeer:
         raise TimeoutError(f"no member served a verifiable state within {cfg.join_timeout} s")
 
     def _accept_state(self, state: State) -> tuple[Checkpoint, list[bytes]]:
-        if len(state.params) != 4 * self.task.dim:
-            raise ValueError(f"state has {len(state.params) // 4} parameters, the task {self.task.dim}")
-        params = torch.frombuffer(bytearray(state.params), dtype=torch.float32)
-        optimizer = {
-            k: torch.frombuffer(bytearray(raw), dtype=torch.float32).reshape(shape)
-            for k, shape, raw in state.optimizer
-        }
-        opt = self.task.make_optimizer()
-        opt.load_state_dict(optimizer)  # raises ValueError if it does not fit the task
-        backers = verify_state(state, training_state_digest(params, opt.state_dict()))
+        params, opt = self._load_state(state)
+        optimizer = opt.state_dict()
+        backers = verify_state(state, training_state_digest(params, optimizer))
         ckpt = Checkpoint(
             step=state.step,
             params=params,
