@@ -132,3 +132,20 @@ def test_a_cut_off_peer_sees_itself_partitioned():
     res = swarm.step()
     assert res[me].partitioned and me in res[me].next_members
     assert swarm.harness.peers[me].members == tuple(sorted(swarm.ids))  # it does not shrink the run to itself
+
+
+def test_graceful_leave_takes_effect_for_everyone_after_the_step_without_a_slow_step():
+    swarm = make_swarm(5, dim=97)
+    swarm.step()
+    leaver = swarm.ids[2]
+    swarm.harness.peers[leaver].leave()
+    t0 = swarm.harness.now
+    res = swarm.step()
+    assert all(r.left == (leaver,) and leaver not in r.next_members for r in res.values())
+    assert all(not r.excluded and not r.verdicts and not r.missing_parts for r in res.values())
+    # It took part fully in its last step: 5 parts, all aggregated and applied.
+    assert len({r.aggregate.numpy().tobytes() for r in res.values()}) == 1
+    assert swarm.harness.now - t0 < swarm.cfg.phase_timeout  # no deadline had to pass
+    del swarm.harness.peers[leaver]
+    res = swarm.step()
+    assert all(len(r.members) == 4 and not r.excluded for r in res.values())

@@ -78,6 +78,7 @@ class Kind(enum.IntEnum):
     DIGEST = 9
     PULL = 10
     JOIN = 11
+    LEAVE = 12
 
 
 class Reason(enum.IntEnum):
@@ -481,6 +482,21 @@ class Join(Message):
         return cls(h.run_id, h.step, h.sender)
 
 
+@dataclass(frozen=True)
+class Leave(Message):
+    """A member leaves gracefully after this step (it still completes it). Kept with the step's public items
+    like a JOIN, so every honest member drops it from the next step's members at the same time."""
+
+    kind: ClassVar[Kind] = Kind.LEAVE
+
+    def body_fields(self) -> list:
+        return []
+
+    @classmethod
+    def from_fields(cls, h: Header, f: list, limits: Limits) -> Leave:
+        return cls(h.run_id, h.step, h.sender)
+
+
 _BODY_LEN = {
     GradCommit: 2,
     GradPart: 2,
@@ -493,6 +509,7 @@ _BODY_LEN = {
     Digest: 2,
     Pull: 4,
     Join: 0,
+    Leave: 0,
 }
 MESSAGE_TYPES: dict[Kind, type[Message]] = {cls.kind: cls for cls in _BODY_LEN}
 

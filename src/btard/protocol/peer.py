@@ -31,6 +31,7 @@ from btard.protocol.messages import (
     GradCommit,
     GradPart,
     Kind,
+    Leave,
     Limits,
     Message,
     MprngCommit,
@@ -141,6 +142,7 @@ class StepResult:
     clipped: int
     rejected_messages: int
     joined: tuple[bytes, ...] = ()  # admitted this step: members of the next step, observers in it
+    left: tuple[bytes, ...] = ()  # left gracefully after this step (a LEAVE covered by the ACCUSE digest)
     probation: dict[bytes, int] = field(default_factory=dict)  # peer -> last step of its probation
     partitioned: bool = False  # this peer kept at most half of the members: it is the one cut off, stop
 
@@ -257,6 +259,7 @@ class BtardPeer:
         self.observers: frozenset[bytes] = frozenset(observers)
         self.probation: dict[bytes, int] = dict(probation or {})
         self._admit = admit or (lambda pid: True)
+        self._leaving = False
         self.banned: set[bytes] = set()
         self.phase = Phase.IDLE
         self._secret_source = secret_source
@@ -382,6 +385,10 @@ class BtardPeer:
             hashes = self.behaviour.commit_hashes(self, hashes)
             self._broadcast(GradCommit(self.cfg.run_id, self.step, self.id, params_hash, tuple(hashes)))
         self._enter(Phase.COMMIT, now, announce=False)  # announced before the commit went out (above)
+        if self._leaving:
+            s = self._broadcast(Leave(self.cfg.run_id, self.step, self.id))
+            self.public[s.msg_digest] = s
+            self._audit("msg", s)
         if self.is_validator:
             self._validate(self.validators[self.id])
         for raw in [r for lst in self._buffer.values() for r in lst]:
@@ -430,6 +437,11 @@ class BtardPeer:
 
     def tick(self, now: float) -> None:
         self._advance(now)
+
+    def leave(self) -> None:
+        """Leave gracefully: the next step to begin (`begin_step`) is this peer's last; it takes part in it
+        fully and every honest member drops it from the following step's members (`StepResult.left`)."""
+        self._leaving = True
 
     def _on_join(self, s: Signed) -> None:
         """Keep a fresh JOIN of an admissible outsider with this step's public items (bounded). Between
@@ -594,6 +606,11 @@ class BtardPeer:
         if m.kind == Kind.ACCUSE:
             self.accusations.setdefault(s.msg_digest, s)
             self._audit("msg", s)
+            return
+        if m.kind == Kind.LEAVE:
+            if s.msg_digest not in self.public:
+                self.public[s.msg_digest] = s
+                self._audit("msg", s)
             return
         if not self._role_ok(m):
             self._reject(f"{m.kind.name} from {short_id(m.sender)} does not fit its role")
@@ -1356,7 +1373,10 @@ class BtardPeer:
         # one cut off (its view is the minority's), so it must stop rather than train on alone.
         partitioned = 2 * len(survivors) <= len(self.members)
         joined = self._admitted(verdicts) if not partitioned else ()
-        next_members = tuple(sorted(survivors + joined))
+        left = tuple(
+            sorted({x.msg.sender for x in self.public.values() if x.msg.kind == Kind.LEAVE} & set(survivors))
+        )
+        next_members = tuple(sorted(p for p in survivors + joined if p not in left))
         probation = {p: s for p, s in self.probation.items() if s > self.step and p in next_members}
         for p in joined:
             probation[p] = self.step + 1 + self.cfg.probation_steps  # observe step t+1, then contribute
@@ -1395,6 +1415,7 @@ class BtardPeer:
             clipped=self._clipped,
             rejected_messages=self.rejected,
             joined=joined,
+            left=left,
             probation=dict(probation),
             partitioned=partitioned,
         )

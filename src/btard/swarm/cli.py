@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import queue
+import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported lazily at run time (torch, hivemind)
+    from btard.swarm.peer import PeerOutcome, SwarmPeer
 
 EXIT_CODES = {
     "finished": 0,
+    "left": 0,
     "synced": 0,
     "banned": 3,
     "excluded": 4,
@@ -130,6 +137,13 @@ def register(sub) -> None:
         help="stay out of the genesis and join the running swarm once it reached step S",
     )
     p.add_argument(
+        "--leave-at-step",
+        type=int,
+        default=None,
+        metavar="S",
+        help="leave the run gracefully after step S (SIGINT/SIGTERM also leave gracefully; a second one quits)",
+    )
+    p.add_argument(
         "--no-join",
         action="store_true",
         help="if the run started without this peer, stop (default: join it, observe one step, then "
@@ -204,6 +218,7 @@ def _cmd_peer(args: argparse.Namespace) -> int:
             sync_only=args.sync_only,
             join=not args.no_join,
             join_at_step=args.join_at_step,
+            leave_at_step=args.leave_at_step,
         )
         task = get_task(cfg.task, **cfg.task_overrides)
     except (ValueError, TypeError, OSError) as e:
@@ -222,7 +237,7 @@ def _cmd_peer(args: argparse.Namespace) -> int:
             cfg.initial_peers = (first_line.get() if first_line else sys.stdin.readline()).split()
             if not cfg.initial_peers:
                 raise ValueError("--initial-peers -: no address on stdin")
-        outcome = asyncio.run(peer.run())
+        outcome = asyncio.run(_run_leaving_on_signal(peer))
     except (ValueError, TimeoutError) as e:
         print(f"btard peer: {e}", file=sys.stderr)
         return 1
@@ -232,6 +247,25 @@ def _cmd_peer(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+async def _run_leaving_on_signal(peer: SwarmPeer) -> PeerOutcome:
+    """Run the peer; the first SIGINT/SIGTERM makes it leave gracefully after the current step, a second one
+    stops it at once. The handlers belong to this command's own event loop (this process is the peer)."""
+    loop = asyncio.get_running_loop()
+    hits = [0]
+
+    def on_signal() -> None:
+        hits[0] += 1
+        if hits[0] == 1:
+            peer.leave()
+        else:
+            os._exit(130)  # the conventional exit status of an interrupted command
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal)
+    return await peer.run()
 
 
 def _watch_stdin() -> queue.Queue[str]:

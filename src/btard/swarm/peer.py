@@ -136,6 +136,7 @@ class PeerRunConfig:
     # A peer that is not in the genesis joins the running swarm (see the module docstring); False: it stops.
     join: bool = True
     join_at_step: int | None = None  # stay out of the genesis; join once the run is at this step
+    leave_at_step: int | None = None  # leave gracefully after this step (`SwarmPeer.leave` does it on demand)
     # Download x^t and the optimizer state from a member, check its hash against the majority of the step's
     # signed GRAD_COMMITs, save it as a checkpoint and stop (a verified snapshot, without joining).
     sync_only: bool = False
@@ -233,6 +234,7 @@ class SwarmPeer:
         self._welcomes: list[State] = []
         self._welcome_event = asyncio.Event()
         self._statuses: dict[bytes, int] = {}
+        self._leave_requested = False
         # Only a joiner accepts a STATE, and only as large as its model and optimizer state (+ commits).
         self._max_state_bytes = 16 * self.task.dim + (1 << 20) if config.sync_only else 0
         self.gradient_attack: GradientAttack | None = None
@@ -268,6 +270,11 @@ class SwarmPeer:
             self.opt = self.task.make_optimizer()
         self.peer: BtardPeer | None = None
         self.driver: ProtocolDriver | None = None
+
+    def leave(self) -> None:
+        """Leave the run gracefully: the step that begins next is this peer's last (it announces a LEAVE in it,
+        completes it, saves a checkpoint and stops with status ``left``). Call it on the peer's event loop."""
+        self._leave_requested = True
 
     # ------------------------------------------------------------------ events and files
     def _emit(self, event: str, **fields: object) -> None:
@@ -570,6 +577,8 @@ class SwarmPeer:
             for old in [s for s in self._history if s < t - 1]:
                 del self._history[old]
             start = time.monotonic()
+            if self._leave_requested or (cfg.leave_at_step is not None and t >= cfg.leave_at_step):
+                peer.leave()
             contributor = not peer.is_validator and not peer.is_observer
             loss, grad = await asyncio.to_thread(
                 self._work, self.params, peer.r_prev, t, contributor, len(peer.contributors)
@@ -604,6 +613,9 @@ class SwarmPeer:
             if result.partitioned:
                 status, reason = "partitioned", "lost contact with at least half of the members in one step"
                 break
+            if self.me in result.left:
+                status, reason = "left", f"left gracefully after step {t}"
+                break
             if self.me not in result.next_members:
                 mine = [v for v in result.verdicts if v.banned == self.me]
                 status = "banned" if mine else "excluded"
@@ -619,7 +631,7 @@ class SwarmPeer:
                 self._evals.add(task)
                 task.add_done_callback(self._evals.discard)
         ckpt_dir = None
-        if status == "finished":
+        if status in ("finished", "left"):
             ckpt_dir = str(save_checkpoint(self._checkpoint(), self.run_dir / "checkpoints"))
         accuracy = None
         if status == "finished" and cfg.eval_final:
@@ -906,6 +918,8 @@ def _step_record(
             for v in res.verdicts
         ],
         "excluded": [short_id(p) for p in res.excluded],
+        "joined": [short_id(p) for p in res.joined],
+        "left": [short_id(p) for p in res.left],
         "params_disagree": disagree,
         "missing_parts": list(res.missing_parts),
         "failed_parts": list(res.failed_parts),
