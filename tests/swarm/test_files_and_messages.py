@@ -143,3 +143,22 @@ def test_edited_or_pickled_checkpoints_are_refused(tmp_path):
         load_checkpoint(path)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "nothing-here")
+
+
+def test_adam_state_travels_in_a_state_message_and_hashes_the_same():
+    import torch
+
+    from btard.crypto import training_state_digest
+    from btard.swarm.peer import _wire_optimizer
+    from btard.training.optim import AdamConfig, make_optimizer
+
+    opt = make_optimizer(AdamConfig(1e-3))
+    p, g = torch.randn(10), torch.randn(10)
+    for t in range(3):
+        p = opt.step(p, g, t)
+    wire = _wire_optimizer(sorted(opt.state_dict().items()))
+    loaded = {k: torch.frombuffer(bytearray(raw), dtype=torch.float32).reshape(s) for k, s, raw in wire}
+    again = make_optimizer(AdamConfig(1e-3))
+    again.load_state_dict(loaded)
+    assert int(again.state_dict()["step"]) == 3
+    assert training_state_digest(p, again.state_dict()) == training_state_digest(p, opt.state_dict())

@@ -659,7 +659,7 @@ class SwarmPeer:
                 members=result.next_members,
                 validators=tuple(sorted(result.next_validators.items())),
                 params=self.params.numpy().tobytes(),
-                optimizer=tuple((k, tuple(v.shape), v.numpy().tobytes()) for k, v in opt),
+                optimizer=_wire_optimizer(opt),
                 commits=(),
                 phase_timeout=peer.cfg.phase_timeout,
                 num_validators=peer.cfg.validators,
@@ -780,7 +780,7 @@ class SwarmPeer:
             members=served.members,
             validators=served.validators,
             params=served.params.numpy().tobytes(),
-            optimizer=tuple((k, tuple(v.shape), v.numpy().tobytes()) for k, v in opt),
+            optimizer=_wire_optimizer(opt),
             commits=served.commits,
             phase_timeout=peer.cfg.phase_timeout,
             num_validators=peer.cfg.validators,
@@ -877,6 +877,18 @@ class SwarmPeer:
         out = PeerOutcome(status, step, params_digest(self.params).hex(), reason, ckpt, accuracy)
         self._emit("done", **asdict(out))
         return out
+
+
+def _wire_optimizer(items: list[tuple[str, torch.Tensor]]) -> tuple[tuple[str, tuple[int, ...], bytes], ...]:
+    """Optimizer state as (key, shape, raw float32) for STATE/WELCOME. Integer entries (Adam's step count) are
+    sent as float32, exact below 2**24, and the optimizer's `load_state_dict` reads them back with int()."""
+    out = []
+    for k, v in items:
+        f = v.detach().to(torch.float32)
+        if not v.is_floating_point() and not torch.equal(f.to(v.dtype), v):
+            raise ValueError(f"optimizer entry {k!r} is not exact in float32")
+        out.append((k, tuple(v.shape), f.contiguous().numpy().tobytes()))
+    return tuple(out)
 
 
 def _commit_disagreement(peer: BtardPeer, x_hash: bytes) -> list[str]:
