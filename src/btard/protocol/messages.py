@@ -66,6 +66,9 @@ class Limits:
         return self.max_message_bytes
 
 
+MAX_PHASE_HINT_MS = 3_600_000  # an hour: any larger phase time is nonsense
+
+
 class Kind(enum.IntEnum):
     GRAD_COMMIT = 1
     GRAD_PART = 2
@@ -277,17 +280,25 @@ class AggCommit(Message):
 
 @dataclass(frozen=True)
 class MprngCommit(Message):
-    """Step 6: H(t, sender, secret)."""
+    """Step 6: H(t, sender, secret), and the sender's slowest phase of the previous step in milliseconds (0 if
+    unknown or if a deadline had to pass), from which the next step's phase timeout is derived."""
 
     kind: ClassVar[Kind] = Kind.MPRNG_COMMIT
     commitment: bytes
+    phase_hint_ms: int = 0
 
     def body_fields(self) -> list:
-        return [self.commitment]
+        return [self.commitment, self.phase_hint_ms]
 
     @classmethod
     def from_fields(cls, h: Header, f: list, limits: Limits) -> MprngCommit:
-        return cls(h.run_id, h.step, h.sender, _bytes(f[0], DIGEST_BYTES, "commitment"))
+        return cls(
+            h.run_id,
+            h.step,
+            h.sender,
+            _bytes(f[0], DIGEST_BYTES, "commitment"),
+            _int(f[1], 0, MAX_PHASE_HINT_MS, "phase_hint_ms"),
+        )
 
 
 @dataclass(frozen=True)
@@ -502,7 +513,7 @@ _BODY_LEN = {
     GradPart: 2,
     AggPart: 2,
     AggCommit: 3,
-    MprngCommit: 1,
+    MprngCommit: 2,
     MprngReveal: 1,
     Proj: 3,
     Accuse: 5,

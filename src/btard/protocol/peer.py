@@ -23,6 +23,7 @@ from btard.crypto import Identity, bytes_digest, digest, short_id, tensor_digest
 from btard.protocol import checks
 from btard.protocol.errors import LocalProtocolError, MalformedMessage
 from btard.protocol.messages import (
+    MAX_PHASE_HINT_MS,
     Accuse,
     AggCommit,
     AggPart,
@@ -56,6 +57,10 @@ MAX_BUFFERED_PER_SENDER = 64
 PART_PULL_GRACE = 0.25
 # A JOIN names the step its sender believes the run is at; older than this many steps, it is a replay.
 JOIN_WINDOW = 8
+# The phase timeout of step t+1 is max(the configured T, TIMEOUT_FACTOR × the median of the members' slowest
+# phase in step t, as reported in their MPRNG commits), and at most TIMEOUT_GROWTH × the current one.
+TIMEOUT_FACTOR = 4.0
+TIMEOUT_GROWTH = 2.0
 
 GradientOracle = Callable[[int, bytes], torch.Tensor]
 """(step, peer id) -> the gradient that peer must have computed at that step (from public data)."""
@@ -76,7 +81,7 @@ class ProtocolConfig:
     validators: int = 1
     validation_rtol: float = 1e-4
     validation_mode: str = "tolerance"  # or "exact": compare hashes (homogeneous, bit-exact swarms)
-    phase_timeout: float = 2.0
+    phase_timeout: float = 2.0  # T: the floor of the per-step timeout derived from measured phase times
     limits: Limits = field(default_factory=Limits)
     # Joining: at most this many new peers admitted per step (0 closes the run), each observing its first
     # step as a member, then contributing on probation (validated, not aggregated) for `probation_steps` steps.
@@ -143,6 +148,7 @@ class StepResult:
     rejected_messages: int
     joined: tuple[bytes, ...] = ()  # admitted this step: members of the next step, observers in it
     left: tuple[bytes, ...] = ()  # left gracefully after this step (a LEAVE covered by the ACCUSE digest)
+    next_phase_timeout: float = 0.0  # T of the next step, derived from the members' reported phase times
     probation: dict[bytes, int] = field(default_factory=dict)  # peer -> last step of its probation
     partitioned: bool = False  # this peer kept at most half of the members: it is the one cut off, stop
 
@@ -242,6 +248,7 @@ class BtardPeer:
         observers: Sequence[bytes] = (),
         probation: dict[bytes, int] | None = None,
         admit: Callable[[bytes], bool] | None = None,
+        phase_timeout: float | None = None,
     ) -> None:
         self.identity = identity
         self.id = identity.peer_id
@@ -260,6 +267,9 @@ class BtardPeer:
         self.probation: dict[bytes, int] = dict(probation or {})
         self._admit = admit or (lambda pid: True)
         self._leaving = False
+        # The phase timeout of the current step (agreed: derived at the end of each step from signed reports).
+        self.phase_timeout = float(phase_timeout) if phase_timeout is not None else config.phase_timeout
+        self._phase_hint_ms = 0
         self.banned: set[bytes] = set()
         self.phase = Phase.IDLE
         self._secret_source = secret_source
@@ -438,6 +448,12 @@ class BtardPeer:
     def tick(self, now: float) -> None:
         self._advance(now)
 
+    def report_phase_time(self, seconds: float) -> None:
+        """The caller's measure of its slowest phase in the step just finished (0 when a deadline had to pass:
+        such a step measures the timeout, not the work). Sent in the next MPRNG commit; the median over the
+        members sets the next timeouts, so a minority cannot move it outside the honest peers' range."""
+        self._phase_hint_ms = max(0, min(int(seconds * 1000), MAX_PHASE_HINT_MS))
+
     def leave(self) -> None:
         """Leave gracefully: the next step to begin (`begin_step`) is this peer's last; it takes part in it
         fully and every honest member drops it from the following step's members (`StepResult.left`)."""
@@ -506,8 +522,8 @@ class BtardPeer:
             self._outbox.append(PhaseEntered(self.step, phase))
         self.phase = phase
         kinds = BARRIER_KINDS.get(phase)
-        start = self._t0 + PHASE_START[phase] * self.cfg.phase_timeout
-        self._barrier = _Barrier(kinds, start, self.cfg.phase_timeout) if kinds else None
+        start = self._t0 + PHASE_START[phase] * self.phase_timeout
+        self._barrier = _Barrier(kinds, start, self.phase_timeout) if kinds else None
         self._expect = self._expected(phase)
         self._missing = {k for k in self._expect if k not in self.slots}
         for msg, dests in self.behaviour.extra_messages(self, phase):
@@ -705,7 +721,7 @@ class BtardPeer:
         a quarter of the phase timeout after the first listing, whichever is first."""
         if (origin, int(Kind.AGG_COMMIT)) in self._digests_from:
             return first
-        return first + PART_PULL_GRACE * self.cfg.phase_timeout
+        return first + PART_PULL_GRACE * self.phase_timeout
 
     def _pull_parts(self, now: float) -> None:
         for (origin, idx), (first, holders) in list(self._part_wants.items()):
@@ -894,14 +910,18 @@ class BtardPeer:
             self.committed = tuple(p for p in self.contributors if (Kind.GRAD_COMMIT, p, 0) in self.slots)
             self._assign_aggregators()
             self._enter(Phase.SCATTER, now)
-            self._scatter_deadlines = [self._t0 + (PHASE_START[Phase.SCATTER] + 1) * self.cfg.phase_timeout]
+            self._scatter_deadlines = [self._t0 + (PHASE_START[Phase.SCATTER] + 1) * self.phase_timeout]
             self._send_parts()
         elif ph == Phase.AGGREGATE:
             self._enter(Phase.MPRNG_COMMIT, now)
             self._secret = self._secret_source(32)
             self._broadcast(
                 MprngCommit(
-                    self.cfg.run_id, self.step, self.id, _mprng_commitment(self, self.id, self._secret)
+                    self.cfg.run_id,
+                    self.step,
+                    self.id,
+                    _mprng_commitment(self, self.id, self._secret),
+                    self._phase_hint_ms,
                 )
             )
         elif ph == Phase.MPRNG_COMMIT:
@@ -972,7 +992,7 @@ class BtardPeer:
             self._enter(Phase.AGGREGATE, now)
             return
         if not public_round and now >= self._scatter_deadlines[0]:
-            self._scatter_deadlines.append(self._t0 + PHASE_START[Phase.AGGREGATE] * self.cfg.phase_timeout)
+            self._scatter_deadlines.append(self._t0 + PHASE_START[Phase.AGGREGATE] * self.phase_timeout)
             for j, lacking in missing.items():
                 for p in lacking:
                     pull = self._broadcast(
@@ -1377,6 +1397,11 @@ class BtardPeer:
             sorted({x.msg.sender for x in self.public.values() if x.msg.kind == Kind.LEAVE} & set(survivors))
         )
         next_members = tuple(sorted(p for p in survivors + joined if p not in left))
+        hints = sorted(x.msg.phase_hint_ms for (k, _, _), x in self.slots.items() if k == Kind.MPRNG_COMMIT)
+        next_timeout = self.cfg.phase_timeout
+        if hints:
+            measured = TIMEOUT_FACTOR * float(np.median(hints)) / 1000.0
+            next_timeout = min(max(next_timeout, measured), TIMEOUT_GROWTH * self.phase_timeout)
         probation = {p: s for p, s in self.probation.items() if s > self.step and p in next_members}
         for p in joined:
             probation[p] = self.step + 1 + self.cfg.probation_steps  # observe step t+1, then contribute
@@ -1416,6 +1441,7 @@ class BtardPeer:
             rejected_messages=self.rejected,
             joined=joined,
             left=left,
+            next_phase_timeout=next_timeout,
             probation=dict(probation),
             partitioned=partitioned,
         )
@@ -1429,6 +1455,7 @@ class BtardPeer:
         self.validators = next_validators
         self.observers = frozenset(joined)
         self.probation = probation
+        self.phase_timeout = next_timeout
         self.step += 1
 
     def _admitted(self, verdicts: dict[bytes, Verdict]) -> tuple[bytes, ...]:

@@ -218,7 +218,7 @@ class ProtocolDriver:
                 raise RuntimeError("the receive loop stopped (transport closed)")
             deadline = peer.next_deadline
             # No deadline pending (it cannot happen mid-step, but never wait forever): tick every T.
-            delay = peer.cfg.phase_timeout if deadline is None else deadline - self._clock()
+            delay = peer.phase_timeout if deadline is None else deadline - self._clock()
             if delay > 0:
                 self._wake.clear()
                 try:
@@ -229,6 +229,10 @@ class ProtocolDriver:
             self._timing.deadlines += 1
             peer.tick(self._clock())
             self._pump()
+        # The slowest phase feeds the next timeouts (module docstring of btard.protocol.peer); a step in which a
+        # deadline had to pass measured the timeout itself, so it reports nothing.
+        durations = self._timing.durations().values()
+        peer.report_phase_time(max(durations) if durations and not self._timing.deadlines else 0.0)
         return self._results.pop(0), self._timing
 
     def forget(self, departed: set[bytes]) -> None:

@@ -585,6 +585,7 @@ class SwarmPeer:
             )
             grad_s = time.monotonic() - start
             x_hash = training_state_digest(self.params, self.opt.state_dict())
+            step_timeout = peer.phase_timeout
             role = (
                 "validator"
                 if peer.is_validator
@@ -604,6 +605,7 @@ class SwarmPeer:
             record = _step_record(result, timing, loss, role, grad_s, time.monotonic() - start, disagree)
             record["params_hash"] = params_digest(self.params).hex()
             record["state_hash"] = x_hash.hex()
+            record["phase_timeout"] = step_timeout
             self.params = self.opt.step(self.params, result.aggregate, t)
             self._welcome_joiners(result)
             metrics.write(json.dumps(record) + "\n")
@@ -661,7 +663,7 @@ class SwarmPeer:
                 params=self.params.numpy().tobytes(),
                 optimizer=_wire_optimizer(opt),
                 commits=(),
-                phase_timeout=peer.cfg.phase_timeout,
+                phase_timeout=peer.phase_timeout,
                 num_validators=peer.cfg.validators,
                 observers=result.joined,
                 probation=tuple(sorted(result.probation.items())),
@@ -713,6 +715,7 @@ class SwarmPeer:
             audit=_AuditFilter(audit_log, self.cfg.audit_parts),
             observers=w.observers,
             probation=dict(w.probation),
+            phase_timeout=w.phase_timeout,
         )
         driver.attach(self.peer)
         self._emit("admitted", step=w.step, members=len(w.members), server=short_id(w.server))
