@@ -15,9 +15,6 @@ every averaging round; btard's membership is fixed per step by the protocol itse
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -73,11 +70,7 @@ def main() -> None:
             sent = [row[k]["sent_bytes_per_peer"] / 1e6 for k in ("btard", "butterfly")]
             mb = f"{sent[0]:.2f} / {sent[1]:.2f}"
             print(f"| {n} | {d:,} | " + " | ".join(cells) + f" | {mb} |", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    swarm_step.write_rows(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -275,7 +275,12 @@ def main() -> None:
             "    BTARD phases (median s): "
             + ", ".join(f"{k} {v:.3f}" for k, v in t["phase_median_s"].items())
         )
-    out = Path(args.out)
+    write_rows(rows, args.out)
+
+
+def write_rows(rows: list[dict], path: str) -> None:
+    """Write ``{"meta": machine, "rows": rows}`` as JSON (creating the folder) and say where."""
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -62,7 +62,8 @@ class SwarmRun:
         assert len(self.checkpoint_digests(self.cfg.steps)) == 1
 
 
-def run_swarm(root: Path, name: str, **overrides) -> SwarmRun:
+def swarm_config(root: Path, name: str, **overrides) -> SwarmConfig:
+    """The test swarms' settings (the test task, T = 1 s, no validators, 3 steps, 4 peers) with overrides."""
     kw = dict(
         peers=4,
         task=TASK,
@@ -76,7 +77,11 @@ def run_swarm(root: Path, name: str, **overrides) -> SwarmRun:
         env={"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
     )
     kw.update(overrides)
-    cfg = SwarmConfig(**kw)
+    return SwarmConfig(**kw)
+
+
+def run_swarm(root: Path, name: str, **overrides) -> SwarmRun:
+    cfg = swarm_config(root, name, **overrides)
     start = time.monotonic()
     with LocalSwarm(cfg) as swarm:
         peers = swarm.wait()

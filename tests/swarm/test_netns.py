@@ -8,16 +8,15 @@ Linux bridge by a veth pair (`btard.swarm.netns.NetnsLan`), listening only on it
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 
-from btard.swarm.launcher import LocalSwarm, PeerRole, PeerRun, SwarmConfig, summarize
+from btard.swarm.launcher import LocalSwarm, PeerRole, PeerRun, summarize
 from btard.swarm.netns import NetnsLan, missing_capability
 
-from .blobs import TASK, blobs_task
-from .conftest import PHASE_TIMEOUT, ROOT, SwarmRun
+from .blobs import blobs_task
+from .conftest import SwarmRun, swarm_config
 
 _missing = missing_capability()
 if _missing:
@@ -50,19 +49,7 @@ def _run(lan: NetnsLan, root, name: str, steps: int, cutter: CutMidRun | None = 
         )
         for i in range(HOSTS)
     }
-    cfg = SwarmConfig(
-        peers=HOSTS,
-        roles=roles,
-        task=TASK,
-        steps=steps,
-        phase_timeout=PHASE_TIMEOUT,
-        validators=0,
-        run_dir=str(root / name),
-        run_name=f"test-{name}",
-        eval_final=False,
-        timeout=120.0,
-        env={"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
-    )
+    cfg = swarm_config(root, name, peers=HOSTS, roles=roles, steps=steps, timeout=120.0)
     start = time.monotonic()
     swarm = LocalSwarm(cfg, on_event=cutter)
     if cutter is not None:
