@@ -149,3 +149,18 @@ def test_graceful_leave_takes_effect_for_everyone_after_the_step_without_a_slow_
     del swarm.harness.peers[leaver]
     res = swarm.step()
     assert all(len(r.members) == 4 and not r.excluded for r in res.values())
+
+
+def test_joins_outside_the_admission_policy_are_ignored():
+    from btard.protocol.harness import Harness
+    from btard.transport.memory import MemoryNetwork
+
+    swarm = make_swarm(4, dim=64)
+    allowed = set(swarm.ids)  # a permissioned run: only the founding members
+    for p in swarm.harness.peers.values():
+        p._admit = allowed.__contains__
+    assert isinstance(swarm.harness, Harness) and isinstance(swarm.harness.network, MemoryNetwork)
+    send_join(swarm)
+    res = swarm.step()
+    assert all(r.joined == () and len(r.next_members) == 4 for r in res.values())
+    assert all(r.rejected_messages >= 1 for r in res.values())

@@ -332,6 +332,7 @@ class SwarmPeer:
                 r_prev=genesis.r_prev,
                 validators=dict(genesis.validators),
                 audit=_AuditFilter(audit_log, self.cfg.audit_parts),
+                admit=self._allowed,  # the allow-list also bounds who may JOIN
             )
             self._emit(
                 "genesis",
@@ -713,6 +714,7 @@ class SwarmPeer:
             r_prev=w.r_prev,
             validators=dict(w.validators),
             audit=_AuditFilter(audit_log, self.cfg.audit_parts),
+            admit=self._allowed,  # the allow-list also bounds who may JOIN
             observers=w.observers,
             probation=dict(w.probation),
             phase_timeout=w.phase_timeout,
