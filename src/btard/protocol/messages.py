@@ -478,34 +478,32 @@ class Pull(Message):
 
 
 @dataclass(frozen=True)
-class Join(Message):
+class _Announcement(Message):
+    """A message whose header says it all (an empty body): who, which run, which step."""
+
+    def body_fields(self) -> list:
+        return []
+
+    @classmethod
+    def from_fields(cls, h: Header, f: list, limits: Limits) -> _Announcement:
+        return cls(h.run_id, h.step, h.sender)
+
+
+@dataclass(frozen=True)
+class Join(_Announcement):
     """A peer outside the run asks to join it; signed by the joiner (not yet a member). Members keep JOINs
     with the step's public items, so the ACCUSE-phase digest exchange makes every honest member admit the
     same joiners (see `BtardPeer._finish`)."""
 
     kind: ClassVar[Kind] = Kind.JOIN
 
-    def body_fields(self) -> list:
-        return []
-
-    @classmethod
-    def from_fields(cls, h: Header, f: list, limits: Limits) -> Join:
-        return cls(h.run_id, h.step, h.sender)
-
 
 @dataclass(frozen=True)
-class Leave(Message):
+class Leave(_Announcement):
     """A member leaves gracefully after this step (it still completes it). Kept with the step's public items
     like a JOIN, so every honest member drops it from the next step's members at the same time."""
 
     kind: ClassVar[Kind] = Kind.LEAVE
-
-    def body_fields(self) -> list:
-        return []
-
-    @classmethod
-    def from_fields(cls, h: Header, f: list, limits: Limits) -> Leave:
-        return cls(h.run_id, h.step, h.sender)
 
 
 _BODY_LEN = {
@@ -538,8 +536,12 @@ class Signed:
         return self.raw[-SIGNATURE_BYTES:]
 
 
-def _message_digest(header: bytes, body: bytes) -> bytes:
-    return digest("msg", header, blake3.blake3(body).digest())
+def _message_digest(header: bytes, *body_chunks: bytes | memoryview) -> bytes:
+    """The signed digest of a message: H(header, H(body)), the body given whole or as consecutive chunks."""
+    body_hash = blake3.blake3()
+    for c in body_chunks:
+        body_hash.update(c)
+    return digest("msg", header, body_hash.digest())
 
 
 def encode(msg: Message, identity: Identity) -> Signed:
@@ -549,10 +551,7 @@ def encode(msg: Message, identity: Identity) -> Signed:
     chunks = msg.body_chunks()
     body_len = sum(len(c) for c in chunks)
     header = _HEADER.pack(MAGIC, PROTOCOL_VERSION, int(msg.kind), msg.run_id, msg.step, msg.sender, body_len)
-    body_hash = blake3.blake3()
-    for c in chunks:
-        body_hash.update(c)
-    d = digest("msg", header, body_hash.digest())  # = _message_digest(header, body)
+    d = _message_digest(header, *chunks)
     return Signed(msg, b"".join((header, *chunks, identity.sign(d))), d)
 
 

@@ -361,11 +361,7 @@ class BtardPeer:
                 cands.append(b.retry_at)
         if phase == Phase.SCATTER and self._scatter_deadlines:
             cands.append(self._scatter_deadlines[-1])
-        for (origin, idx), (first, holders) in self._part_wants.items():
-            if (Kind.AGG_PART, origin, idx) not in self.slots and any(
-                (Kind.AGG_PART, origin, idx, h) not in self._pulled for h in holders
-            ):
-                cands.append(self._part_pull_due(origin, first))
+        cands += [due for due, _, _ in self._pending_part_pulls()]
         return min(cands) if cands else None
 
     def begin_step(self, now: float, params_hash: bytes, gradient: torch.Tensor | None) -> None:
@@ -379,9 +375,9 @@ class BtardPeer:
         self._reset_step_state()
         self._t0 = now
         self.params_hash = params_hash
-        n = len(self.aggregating)
-        self.bounds = checks.part_bounds(self.cfg.dim, max(n, 1))
-        self.order = checks.part_order(self.aggregating, self.r_prev)
+        aggregating = self.aggregating
+        self.bounds = checks.part_bounds(self.cfg.dim, max(len(aggregating), 1))
+        self.order = checks.part_order(aggregating, self.r_prev)
         self._outbox.append(PhaseEntered(self.step, Phase.COMMIT))
         if gradient is not None:
             g = self.behaviour.gradient(self, gradient.detach().to(torch.float32).reshape(-1))
@@ -471,7 +467,7 @@ class BtardPeer:
             return
         if s.msg_digest in self.public or self.phase in (Phase.IDLE, Phase.DONE):
             return
-        if sum(1 for x in self.public.values() if x.msg.kind == Kind.JOIN) >= self.cfg.limits.max_peers:
+        if len(self._public_senders(Kind.JOIN)) >= self.cfg.limits.max_peers:
             self._reject("too many joins this step")
             return
         self._seen.add(s.msg_digest)
@@ -723,16 +719,30 @@ class BtardPeer:
             return first
         return first + PART_PULL_GRACE * self.phase_timeout
 
-    def _pull_parts(self, now: float) -> None:
-        for (origin, idx), (first, holders) in list(self._part_wants.items()):
+    def _pending_part_pulls(self) -> list[tuple[float, tuple[bytes, int], list[bytes]]]:
+        """(when, (aggregator, part), holders not asked yet) for every listed part we still lack."""
+        out = []
+        for (origin, idx), (first, holders) in self._part_wants.items():
             if (Kind.AGG_PART, origin, idx) in self.slots:
-                del self._part_wants[(origin, idx)]
-            elif now >= self._part_pull_due(origin, first):
-                for holder in sorted(holders):
-                    if (Kind.AGG_PART, origin, idx, holder) not in self._pulled:
-                        self._pulled.add((Kind.AGG_PART, origin, idx, holder))
-                        pull = Pull(self.cfg.run_id, self.step, self.id, int(Kind.AGG_PART), origin, idx)
-                        self._send_to(holder, pull)
+                continue
+            ask = sorted(h for h in holders if (Kind.AGG_PART, origin, idx, h) not in self._pulled)
+            if ask:
+                out.append((self._part_pull_due(origin, first), (origin, idx), ask))
+        return out
+
+    def _pull_parts(self, now: float) -> None:
+        for due, (origin, idx), holders in self._pending_part_pulls():
+            if now >= due:
+                for holder in holders:
+                    self._pulled.add((Kind.AGG_PART, origin, idx, holder))
+                    pull = Pull(self.cfg.run_id, self.step, self.id, int(Kind.AGG_PART), origin, idx)
+                    self._send_to(holder, pull)
+        for key in [k for k in self._part_wants if (Kind.AGG_PART, *k) in self.slots]:
+            del self._part_wants[key]
+
+    def _public_senders(self, kind: Kind) -> set[bytes]:
+        """Senders of this step's public items of `kind` (JOIN, LEAVE)."""
+        return {x.msg.sender for x in self.public.values() if x.msg.kind == kind}
 
     def _public_items(self) -> dict[bytes, Signed]:
         return {**self.accusations, **self.public}
@@ -1392,10 +1402,8 @@ class BtardPeer:
         # An honest majority never loses half of the members in one step; a peer that sees it happen is the
         # one cut off (its view is the minority's), so it must stop rather than train on alone.
         partitioned = 2 * len(survivors) <= len(self.members)
-        joined = self._admitted(verdicts) if not partitioned else ()
-        left = tuple(
-            sorted({x.msg.sender for x in self.public.values() if x.msg.kind == Kind.LEAVE} & set(survivors))
-        )
+        joined = self._admitted() if not partitioned else ()
+        left = tuple(sorted(self._public_senders(Kind.LEAVE) & set(survivors)))
         next_members = tuple(sorted(p for p in survivors + joined if p not in left))
         hints = sorted(x.msg.phase_hint_ms for (k, _, _), x in self.slots.items() if k == Kind.MPRNG_COMMIT)
         next_timeout = self.cfg.phase_timeout
@@ -1458,17 +1466,11 @@ class BtardPeer:
         self.phase_timeout = next_timeout
         self.step += 1
 
-    def _admitted(self, verdicts: dict[bytes, Verdict]) -> tuple[bytes, ...]:
-        """Joiners admitted at the end of this step: senders of the JOINs every honest member holds (the
-        ACCUSE digest exchange covered them), at most `max_joins_per_step`, in an order drawn from r."""
-        cands = {
-            s.msg.sender
-            for s in self.public.values()
-            if s.msg.kind == Kind.JOIN
-            and s.msg.sender not in self.members
-            and s.msg.sender not in self.banned
-            and s.msg.sender not in verdicts
-        }
+    def _admitted(self) -> tuple[bytes, ...]:
+        """Joiners admitted at the end of this step (after its bans were added to `banned`): senders of the
+        JOINs every honest member holds (the ACCUSE digest exchange covered them), at most
+        `max_joins_per_step`, in an order drawn from r."""
+        cands = {p for p in self._public_senders(Kind.JOIN) if p not in self.members and p not in self.banned}
         ranked = sorted(cands, key=lambda p: digest("join", self.r, p))
         return tuple(sorted(ranked[: self.cfg.max_joins_per_step]))
 

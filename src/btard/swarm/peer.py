@@ -61,7 +61,7 @@ from btard.attacks.registry import get_attack, resolve_attack
 from btard.crypto import Identity, digest, params_digest, short_id, training_state_digest
 from btard.protocol.audit import AuditLog
 from btard.protocol.messages import Join, Kind, Signed, encode
-from btard.protocol.peer import GENESIS, Behaviour, BtardPeer, StepResult
+from btard.protocol.peer import GENESIS, Behaviour, BtardPeer, ProtocolConfig, StepResult
 from btard.protocol.state import Phase
 from btard.swarm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from btard.swarm.control import (
@@ -322,17 +322,13 @@ class SwarmPeer:
             audit_log = AuditLog(self.identity, path=self.run_dir / name)
             if self.me not in genesis.members:
                 return await self._join(transport, genesis, audit_log, metrics)
-            self.peer = BtardPeer(
-                self.identity,
+            self.peer = self._protocol_peer(
                 genesis.protocol_config(),
                 genesis.members,
-                oracle=self._oracle,
-                behaviour=self.behaviour,
+                audit_log=audit_log,
                 start_step=genesis.step,
                 r_prev=genesis.r_prev,
                 validators=dict(genesis.validators),
-                audit=_AuditFilter(audit_log, self.cfg.audit_parts),
-                admit=self._allowed,  # the allow-list also bounds who may JOIN
             )
             self._emit(
                 "genesis",
@@ -585,7 +581,8 @@ class SwarmPeer:
                 self._work, self.params, peer.r_prev, t, contributor, len(peer.contributors)
             )
             grad_s = time.monotonic() - start
-            x_hash = training_state_digest(self.params, self.opt.state_dict())
+            opt_state = self.opt.state_dict()  # a copy: hashed now, served to joiners after the step
+            x_hash = training_state_digest(self.params, opt_state)
             step_timeout = peer.phase_timeout
             role = (
                 "validator"
@@ -597,8 +594,7 @@ class SwarmPeer:
             r_prev, validators = peer.r_prev, tuple(sorted(peer.validators.items()))
             result, timing = await driver.run_step(x_hash, grad)
             disagree = _commit_disagreement(peer, x_hash)
-            commits = tuple(s.raw for (kind, _, _), s in peer.slots.items() if kind == Kind.GRAD_COMMIT)
-            opt_state = self.opt.state_dict()
+            commits = tuple(s.raw for s in _grad_commits(peer))
             self._served = _Served(t, self.params, opt_state, r_prev, result.members, validators, commits)
             for joiner in self._waiting_joiners:
                 self._serve_state(StateRequest(cfg.run_name, joiner))
@@ -609,9 +605,7 @@ class SwarmPeer:
             record["phase_timeout"] = step_timeout
             self.params = self.opt.step(self.params, result.aggregate, t)
             self._welcome_joiners(result)
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            self._emit("step", **record)
+            self._log_step(metrics, record)
             driver.forget(set(result.members) - set(result.next_members))
             if result.partitioned:
                 status, reason = "partitioned", "lost contact with at least half of the members in one step"
@@ -640,6 +634,28 @@ class SwarmPeer:
         if status == "finished" and cfg.eval_final:
             accuracy = (await self._evaluate(self.params, peer.step, None))["accuracy"]
         return self._outcome(status, reason, ckpt_dir, accuracy)
+
+    def _log_step(self, metrics, record: dict) -> None:
+        """One metrics line and one progress event per step."""
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+        self._emit("step", **record)
+
+    def _protocol_peer(
+        self, config: ProtocolConfig, members: tuple[bytes, ...], *, audit_log: AuditLog, **start
+    ) -> BtardPeer:
+        """This process's `BtardPeer`: its identity, oracle, attack behaviour, audit log and admission policy
+        (the allow-list also bounds who may JOIN); ``start`` says where in the run it begins."""
+        return BtardPeer(
+            self.identity,
+            config,
+            members,
+            oracle=self._oracle,
+            behaviour=self.behaviour,
+            audit=_AuditFilter(audit_log, self.cfg.audit_parts),
+            admit=self._allowed,
+            **start,
+        )
 
     # ------------------------------------------------------------------ late joiners
     def _welcome_joiners(self, result: StepResult) -> None:
@@ -704,17 +720,13 @@ class SwarmPeer:
         w = self._welcomes[0]
         if w.run_id != pcfg.run_id or self.me not in w.members:
             raise ValueError("the WELCOME does not belong to this run or does not list this peer")
-        self.peer = BtardPeer(
-            self.identity,
+        self.peer = self._protocol_peer(
             pcfg,
             w.members,
-            oracle=self._oracle,
-            behaviour=self.behaviour,
+            audit_log=audit_log,
             start_step=w.step,
             r_prev=w.r_prev,
             validators=dict(w.validators),
-            audit=_AuditFilter(audit_log, self.cfg.audit_parts),
-            admit=self._allowed,  # the allow-list also bounds who may JOIN
             observers=w.observers,
             probation=dict(w.probation),
             phase_timeout=w.phase_timeout,
@@ -724,13 +736,13 @@ class SwarmPeer:
         start = time.monotonic()
         result, timing = await driver.run_step(b"\0" * 32, None)  # observer: commits nothing
         chosen = None
+        committed = [s.msg for s in _grad_commits(self.peer)]
         for cand in list(self._welcomes):
             try:
                 params, opt = self._load_state(cand)
             except ValueError:
                 continue
             h = training_state_digest(params, opt.state_dict())
-            committed = [s.msg for (k, _, _), s in self.peer.slots.items() if k == Kind.GRAD_COMMIT]
             backers = [m.sender for m in committed if m.params_hash == h]
             if 2 * len(backers) > len(committed):
                 chosen = (cand, params, opt, len(backers), len(committed))
@@ -743,9 +755,7 @@ class SwarmPeer:
         record["params_hash"] = params_digest(self.params).hex()
         record["state_backers"] = f"{nb}/{nc}"
         self.params = self.opt.step(self.params, result.aggregate, w.step)
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
-        self._emit("step", **record)
+        self._log_step(metrics, record)
         if result.partitioned or self.me not in result.next_members:
             return self._outcome("excluded", "left out at the end of its observer step")
         outcome = await self._train(metrics)
@@ -896,13 +906,14 @@ def _wire_optimizer(items: list[tuple[str, torch.Tensor]]) -> tuple[tuple[str, t
     return tuple(out)
 
 
+def _grad_commits(peer: BtardPeer) -> list[Signed]:
+    """The signed GRAD_COMMITs of the step the peer just finished."""
+    return [s for (kind, _, _), s in peer.slots.items() if kind == Kind.GRAD_COMMIT]
+
+
 def _commit_disagreement(peer: BtardPeer, x_hash: bytes) -> list[str]:
     """Members whose GRAD_COMMIT of the step just finished carried another H(x^t) than ours."""
-    return sorted(
-        short_id(s.msg.sender)
-        for (kind, _, _), s in peer.slots.items()
-        if kind == Kind.GRAD_COMMIT and s.msg.params_hash != x_hash
-    )
+    return sorted(short_id(s.msg.sender) for s in _grad_commits(peer) if s.msg.params_hash != x_hash)
 
 
 def _step_record(
