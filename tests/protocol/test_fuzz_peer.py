@@ -55,8 +55,10 @@ def test_pulls_and_digests_naming_unknown_kinds_or_parts_are_rejected_not_fatal(
         Pull(RUN, 0, liar.id, 200, liar.id, 0, False),
         Pull(RUN, 0, liar.id, 2, liar.id, 999, True),
         Pull(RUN, 0, liar.id, 8, b"\x00" * 32, 0, True),
-        Digest(RUN, 0, liar.id, 201, ((liar.id, 0, b"h" * 32),)),
-        Digest(RUN, 0, liar.id, 3, ((liar.id, 999, b"h" * 32),)),
+        Digest(RUN, 0, liar.id, 201, 2, ((3, liar.id, 0, b"h" * 32),)),
+        Digest(RUN, 0, liar.id, 3, 2, ((3, liar.id, 999, b"h" * 32),)),
+        Digest(RUN, 0, liar.id, 3, 99, ((201, liar.id, 0, b"h" * 32),), (b"s" * 32,)),
+        Digest(RUN, 0, liar.id, 7, 1, ((8, liar.id, 0, b"h" * 32),), (b"s" * 32,)),
     ]
     raws = [encode(m, liar.identity).raw for m in weird]
     others = tuple(p for p in swarm.ids if p != liar.id)

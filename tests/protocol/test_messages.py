@@ -61,8 +61,9 @@ def messages(draw):
             RUN, t, pid, draw(digests), draw(steps), Reason(draw(st.integers(1, 7))), draw(parts), ev
         )
     if choice == 8:
-        ents = tuple(draw(st.lists(st.tuples(digests, parts, digests), max_size=10)))
-        return Digest(RUN, t, pid, draw(st.integers(1, 255)), ents)
+        ents = tuple(draw(st.lists(st.tuples(st.integers(1, 255), digests, parts, digests), max_size=10)))
+        sup = tuple(draw(st.lists(digests, max_size=4)))
+        return Digest(RUN, t, pid, draw(st.integers(1, 255)), draw(st.integers(1, 9)), ents, sup)
     return Pull(RUN, t, pid, draw(st.integers(1, 255)), draw(digests), draw(parts), draw(st.booleans()))
 
 

@@ -89,6 +89,7 @@ class AuditLog:
                 "next_members": [m.hex() for m in obj.next_members],
                 "excluded": [m.hex() for m in obj.excluded],
                 "aggregate": digest("aggregate", obj.aggregate.numpy().tobytes()).hex(),
+                "agreed": [d.hex() for d in obj.agreed],
                 "verdicts": [
                     {
                         "banned": v.banned.hex(),
@@ -176,6 +177,13 @@ def verify_log(lines: list[str], run_id: bytes | None = None, limits: Limits = L
                 problems.append(f"line {no}: step {step} record is not signed by the log owner")
             members = [bytes.fromhex(m) for m in rec["members"]]
             step_msgs = by_step.get(step, [])
+            if "agreed" in rec:  # the decisions use the agreed items only (late messages are logged too)
+                try:
+                    agreed = {bytes.fromhex(d) for d in rec["agreed"]}
+                except (TypeError, ValueError):
+                    problems.append(f"line {no}: step {step} record has a malformed agreed list")
+                    agreed = set()
+                step_msgs = [s for s in step_msgs if s.msg_digest in agreed]
             r_prev = prev_r if prev_r is not None else None
             if r_prev is not None and run_id is not None:
                 r = _recompute_r(step_msgs, members, run_id, step, r_prev)
@@ -211,6 +219,19 @@ def _check_verdict(
         return
     ev = [bytes.fromhex(e) for e in v["evidence"]]
     acc = [msgs.get(e) for e in ev]
+    if reason == "equivocation" and v.get("accuser") is None:  # two agreed versions of one slot
+        two = [a for a in acc if a is not None]
+        if (
+            len(two) == 2
+            and all(a.msg.sender == banned and a.msg.kind != Kind.ACCUSE for a in two)
+            and two[0].msg.slot() == two[1].msg.slot()
+            and two[0].msg.step == two[1].msg.step
+            and two[0].msg_digest != two[1].msg_digest
+        ):
+            rep.verdicts_verified += 1
+        else:
+            rep.problems.append(f"line {no}: equivocation ban of {banned.hex()[:8]} without two versions")
+        return
     if not acc or any(a is None or a.msg.kind != Kind.ACCUSE for a in acc):
         rep.problems.append(
             f"line {no}: ban of {banned.hex()[:8]} ({reason}) cites an accusation not in the log"

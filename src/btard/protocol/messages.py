@@ -407,45 +407,50 @@ class Accuse(Message):
 
 @dataclass(frozen=True)
 class Digest(Message):
-    """What the sender holds for one broadcast kind of this step: (origin sender, message hash) pairs."""
+    """A round message of a phase's agreement (see `agreement.py`): the items the sender accepted in the
+    previous round, as (kind, origin, index, message digest), and the digests of the other members' round
+    messages it forwards with it as their support. Round 1 of the ACCUSE phase is the sender's manifest."""
 
     kind: ClassVar[Kind] = Kind.DIGEST
-    of_kind: int
-    entries: tuple[tuple[bytes, int, bytes], ...]
+    phase: int
+    round: int
+    entries: tuple[tuple[int, bytes, int, bytes], ...]
+    support: tuple[bytes, ...] = ()
 
     def body_fields(self) -> list:
-        return [self.of_kind, self.entries]
+        return [self.phase, self.round, self.entries, self.support]
 
     @classmethod
     def from_fields(cls, h: Header, f: list, limits: Limits) -> Digest:
-        ents = f[1]
+        ents, sup = f[2], f[3]
         if not isinstance(ents, list) or len(ents) > limits.max_digest_entries:
             raise MalformedMessage("bad-field", "digest entries")
+        if not isinstance(sup, list) or len(sup) > limits.max_digest_entries:
+            raise MalformedMessage("bad-field", "digest support")
         out = []
         for e in ents:
-            if not isinstance(e, list) or len(e) != 3:
+            if not isinstance(e, list) or len(e) != 4:
                 raise MalformedMessage("bad-field", "digest entry")
             out.append(
                 (
-                    _bytes(e[0], PEER_ID_BYTES, "origin"),
-                    _int(e[1], 0, limits.max_peers, "index"),
-                    _bytes(e[2], DIGEST_BYTES, "hash"),
+                    _int(e[0], 1, 255, "kind"),
+                    _bytes(e[1], PEER_ID_BYTES, "origin"),
+                    _int(e[2], 0, limits.max_peers, "index"),
+                    _bytes(e[3], DIGEST_BYTES, "hash"),
                 )
             )
-        return cls(h.run_id, h.step, h.sender, _int(f[0], 1, 255, "of_kind"), tuple(out))
+        return cls(
+            h.run_id,
+            h.step,
+            h.sender,
+            _int(f[0], 1, 255, "phase"),
+            _int(f[1], 1, limits.max_peers + 1, "round"),
+            tuple(out),
+            tuple(_bytes(x, DIGEST_BYTES, "support digest") for x in sup),
+        )
 
     def slot(self) -> tuple:
-        return (self.kind, self.sender, self.of_kind)
-
-    @functools.cached_property
-    def entry_set(self) -> frozenset[tuple[bytes, int, bytes]]:
-        """The entries as a set (memoized: a peer compares it with what it holds in one operation)."""
-        return frozenset(self.entries)
-
-    @functools.cached_property
-    def listed_slots(self) -> frozenset[tuple[int, bytes, int]]:
-        """The (kind, origin, index) slots the entries name."""
-        return frozenset((self.of_kind, origin, idx) for origin, idx, _ in self.entries)
+        return (self.kind, self.sender, (self.phase, self.round))
 
 
 @dataclass(frozen=True)
@@ -515,7 +520,7 @@ _BODY_LEN = {
     MprngReveal: 1,
     Proj: 3,
     Accuse: 5,
-    Digest: 2,
+    Digest: 4,
     Pull: 4,
     Join: 0,
     Leave: 0,

@@ -21,6 +21,7 @@ import torch
 from btard.aggregation import centered_clip
 from btard.crypto import Identity, bytes_digest, digest, short_id, tensor_digest
 from btard.protocol import checks
+from btard.protocol.agreement import PhaseAgreement, default_rounds
 from btard.protocol.errors import LocalProtocolError, MalformedMessage
 from btard.protocol.messages import (
     MAX_PHASE_HINT_MS,
@@ -44,17 +45,24 @@ from btard.protocol.messages import (
     decode,
     encode,
 )
-from btard.protocol.state import BARRIER_KINDS, CONTENT_KINDS, PHASE_START, Phase
+from btard.protocol.state import BARRIER_KINDS, CONTENT_KINDS, KIND_PHASE, NEXT_PHASE, Phase, phase_start
 
 GENESIS = digest("genesis")
 _KIND_VALUES = frozenset(int(k) for k in Kind)
 _KINDS: dict[int, Kind] = {int(k): k for k in Kind}
+_BARRIER_PHASES = frozenset(int(p) for p in BARRIER_KINDS)
 # A peer buffers messages of the next step only (peers finish a step at slightly different times); at most
 # this many per sender, which covers every message an honest peer sends in one step for n ≤ 1024.
 MAX_BUFFERED_PER_SENDER = 64
 # An aggregated part listed by a digest but missing here is pulled this many phase timeouts after the listing
-# (at once when its aggregator's own digest already came): see `BtardPeer._part_pull_due`.
+# (at once when its aggregator's own digest already came): see `BtardPeer._pull_due`.
 PART_PULL_GRACE = 0.25
+# A listed item still missing this many phase timeouts after it was first wanted is asked of every member once.
+REPULL_AFTER = 0.5
+# Bounds on what one sender can make a peer keep in one step: versions of one slot (two prove equivocation),
+# versions of one round message, accusations (an honest peer makes a few per misbehaving peer).
+MAX_VERSIONS = 2
+MAX_ACCUSATIONS_PER_SENDER = 64
 # A JOIN names the step its sender believes the run is at; older than this many steps, it is a replay.
 JOIN_WINDOW = 8
 # The phase timeout of step t+1 is max(the configured T, TIMEOUT_FACTOR × the median of the members' slowest
@@ -87,6 +95,9 @@ class ProtocolConfig:
     # step as a member, then contributing on probation (validated, not aggregated) for `probation_steps` steps.
     max_joins_per_step: int = 2
     probation_steps: int = 2
+    # The number of Byzantine members the agreement tolerates (rounds R = f + 1 per barrier phase); None: an
+    # honest majority, ⌊(n − 1)/2⌋. Agreement is proven only while at most this many members are Byzantine.
+    max_faulty: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.run_id) != 16:
@@ -95,6 +106,8 @@ class ProtocolConfig:
             raise LocalProtocolError("validation_mode is 'tolerance' or 'exact'")
         if self.max_joins_per_step < 0 or self.probation_steps < 0:
             raise LocalProtocolError("max_joins_per_step and probation_steps must be ≥ 0")
+        if self.max_faulty is not None and self.max_faulty < 0:
+            raise LocalProtocolError("max_faulty must be ≥ 0")
 
 
 @dataclass(frozen=True)
@@ -151,6 +164,7 @@ class StepResult:
     next_phase_timeout: float = 0.0  # T of the next step, derived from the members' reported phase times
     probation: dict[bytes, int] = field(default_factory=dict)  # peer -> last step of its probation
     partitioned: bool = False  # this peer kept at most half of the members: it is the one cut off, stop
+    agreed: tuple[bytes, ...] = ()  # digests of the step's agreed items (sorted): what the decisions used
 
 
 @dataclass
@@ -163,6 +177,17 @@ class _StepRecord:
     published: dict[int, torch.Tensor]  # the aggregate parts everyone projected against (valid ones only)
     commits: dict[bytes, Signed]
     projs: dict[bytes, Signed]
+
+
+@dataclass(frozen=True)
+class _StepView:
+    """One step as accusations about it are checked: its parts, commits, aggregated parts and projections."""
+
+    step: int
+    bounds: list[tuple[int, int]]
+    commits: dict[bytes, Signed]
+    agg_part: Callable[[int], torch.Tensor | None]
+    z: Callable[[int], torch.Tensor]
 
 
 class Behaviour:
@@ -210,20 +235,6 @@ class Behaviour:
     def accept(self, peer: BtardPeer, s: Signed) -> bool:
         """Whether to process an incoming valid message (an attack may pretend it never arrived)."""
         return True
-
-
-class _Barrier:
-    def __init__(self, kinds: tuple[Kind, ...], start: float, timeout: float) -> None:
-        self.kinds = kinds
-        # An AGG_COMMIT names its part's hash, so the AGG_COMMIT digest covers AGG_PART too (pulled on demand).
-        self.digest_kinds = tuple(k for k in kinds if k != Kind.AGG_PART)
-        self.deadline1 = start + timeout
-        self.deadline2 = start + 2 * timeout
-        self.digest_sent = False
-        self.want: set[tuple[bytes, int]] | None = None
-        self.want_left: set[tuple[bytes, int]] | None = None  # the part of `want` not yet received
-        self.retry_at = start + 1.5 * timeout
-        self.repulled = False
 
 
 class BtardPeer:
@@ -281,6 +292,8 @@ class BtardPeer:
         self._records: dict[int, _StepRecord] = {}
         self._buffer: dict[bytes, list[bytes]] = defaultdict(list)
         self._prev: tuple[int, dict, dict] | None = None  # the last finished step's messages, to answer pulls
+        self._carry: list[Accuse] = []  # own accusations the last step did not agree on: re-sent in this one
+        self.rounds = default_rounds(len(self.members), config.max_faulty)
         self.rejected = 0
         # Views of the membership, recomputed when `members`, `validators`, `observers` or `banned` change.
         self._contrib_key: tuple | None = None
@@ -348,20 +361,12 @@ class BtardPeer:
         phase = self.phase
         if phase == Phase.IDLE or phase == Phase.DONE:
             return None
-        b = self._barrier
-        if b is not None and not self._part_wants and phase != Phase.SCATTER:  # the common case, inlined
-            t = b.deadline1 if not b.digest_sent else b.deadline2
-            if self._awaiting and not b.repulled and b.retry_at < t:
-                t = b.retry_at
-            return t
-        cands = []
-        if b is not None:
-            cands.append(b.deadline1 if not b.digest_sent else b.deadline2)
-            if self._awaiting and not b.repulled:
-                cands.append(b.retry_at)
+        cands = list(self._pull_due.values())
+        ag = self._ag
+        if ag is not None and not ag.closed:
+            cands.append(ag.deadline())
         if phase == Phase.SCATTER and self._scatter_deadlines:
             cands.append(self._scatter_deadlines[-1])
-        cands += [due for due, _, _ in self._pending_part_pulls()]
         return min(cands) if cands else None
 
     def begin_step(self, now: float, params_hash: bytes, gradient: torch.Tensor | None) -> None:
@@ -373,6 +378,7 @@ class BtardPeer:
                 "validators and observers pass gradient=None, contributors pass their gradient"
             )
         self._reset_step_state()
+        self.rounds = default_rounds(len(self.members), self.cfg.max_faulty)
         self._t0 = now
         self.params_hash = params_hash
         aggregating = self.aggregating
@@ -397,6 +403,11 @@ class BtardPeer:
             self._audit("msg", s)
         if self.is_validator:
             self._validate(self.validators[self.id])
+        carry, self._carry = self._carry, []
+        for a in carry:  # decided in this step's agreement (lagged finalization)
+            self._broadcast(
+                Accuse(a.run_id, self.step, self.id, a.accused, a.about_step, a.reason, a.part, a.evidence)
+            )
         for raw in [r for lst in self._buffer.values() for r in lst]:
             self.receive(raw, now)
         self._buffer.clear()
@@ -470,9 +481,7 @@ class BtardPeer:
         if len(self._public_senders(Kind.JOIN)) >= self.cfg.limits.max_peers:
             self._reject("too many joins this step")
             return
-        self._seen.add(s.msg_digest)
-        self.public[s.msg_digest] = s
-        self._audit("msg", s)
+        self._add_public(s)
 
     # ------------------------------------------------------------------ step state
     def _reset_step_state(self) -> None:
@@ -484,21 +493,22 @@ class BtardPeer:
         self._own: dict[Kind, dict[object, Signed]] = {}
         self._live_cache: tuple[bytes, ...] | None = None
         self._accused_slots: set[tuple] = set()
-        self._barrier: _Barrier | None = None
         self._t0 = 0.0
         self._expect: set[tuple] = set()
         self._missing: set[tuple] = set()  # the slots of `_expect` not filled yet (kept by `_put_slot`)
-        # kind -> {(origin, index, message digest)} of the filled slots: what a DIGEST of that kind would list
-        self._held: dict[Kind, set[tuple[bytes, int, bytes]]] = {}
-        # kind -> {(origin, index): message digest}, in the order the slots were filled (the DIGEST's order)
-        self._held_order: dict[Kind, dict[tuple[bytes, int], bytes]] = {}
-        self._pulled: set[tuple] = set()
-        self._digests_from: set[tuple[bytes, int]] = set()  # (sender, kind) of digests this step
-        # digests of messages pulled and not yet received -> (kind, origin, index) to pull them again
-        self._awaiting: dict[bytes, tuple[int, bytes, int]] = {}
-        # Aggregated parts listed in others' digests that we lack: (aggregator, part) -> (first seen, holders).
-        self._part_wants: dict[tuple[bytes, int], tuple[float, set[bytes]]] = {}
-        self._seen: set[bytes] = set()  # digests of every message handled this step
+        # The agreement of the current barrier phase, and what the step's agreements share.
+        self._ag: PhaseAgreement | None = None
+        self._timed_out: set[bytes] = set()  # members that missed a round deadline in this step
+        self._versions: dict[tuple, list[Signed]] = {}  # slot -> the (≤ MAX_VERSIONS) versions received
+        self._round_versions: dict[tuple, int] = {}  # (sender, phase, round) -> round messages received
+        self._early_rounds: list[Signed] = []  # round messages of phases not begun yet
+        self._equivocated: dict[tuple, tuple[Signed, Signed]] = {}  # agreed slots with two versions
+        self._pulled: set[tuple[bytes, bytes]] = set()  # (item digest, holder) asked
+        self._want_since: dict[bytes, float] = {}  # item digest -> when it was first wanted
+        self._pull_due: dict[bytes, float] = {}  # item digest -> when the next pull of it is due
+        self._repulled: set[bytes] = set()
+        self._accusations_from: dict[bytes, int] = defaultdict(int)
+        self._agreed_all: set[bytes] = set()  # the agreed items of the phases closed so far
         self.gradient: torch.Tensor | None = None
         self.params_hash = b""
         self.committed: tuple[bytes, ...] = ()
@@ -518,13 +528,49 @@ class BtardPeer:
             self._outbox.append(PhaseEntered(self.step, phase))
         self.phase = phase
         kinds = BARRIER_KINDS.get(phase)
-        start = self._t0 + PHASE_START[phase] * self.phase_timeout
-        self._barrier = _Barrier(kinds, start, self.phase_timeout) if kinds else None
         self._expect = self._expected(phase)
         self._missing = {k for k in self._expect if k not in self.slots}
+        self._ag = None
+        if kinds:
+            start = self._t0 + phase_start(phase, self.rounds) * self.phase_timeout
+            self._ag = ag = PhaseAgreement(
+                me=self.id,
+                members=frozenset(self.members) - self.banned,
+                rounds=self.rounds,
+                start=start,
+                timeout=self.phase_timeout,
+                origin_signs=phase != Phase.ACCUSE,
+                timed_out=self._timed_out,
+            )
+            self._pull_due.clear()
+            if phase == Phase.ACCUSE:
+                items = self._public_items()
+                for d, x in items.items():
+                    ag.hold(d, (int(x.msg.kind), x.msg.sender, 0), x.msg.sender)
+                entries = tuple((int(x.msg.kind), x.msg.sender, 0, d) for d, x in items.items())
+                self._round_message(phase, 1, entries, ())  # the manifest: round 1 of this phase
+            else:
+                for slot, vers in self._versions.items():
+                    if slot[0] in kinds:
+                        for v in vers:
+                            ag.hold(v.msg_digest, (int(slot[0]), slot[1], slot[2]), v.msg.sender)
+            early, self._early_rounds = self._early_rounds, []
+            for r in early:
+                self._on_digest(r, now)
         for msg, dests in self.behaviour.extra_messages(self, phase):
             raw = msg if isinstance(msg, bytes) else encode(msg, self.identity).raw
             self._outbox.append(Send(tuple(dests), raw))
+
+    def _round_message(
+        self, phase: Phase, k: int, entries: tuple, forward: Sequence[tuple[bytes, bytes]]
+    ) -> None:
+        """Broadcast this peer's round-k DIGEST of `phase` and the support messages it forwards."""
+        s = self._broadcast(
+            Digest(self.cfg.run_id, self.step, self.id, int(phase), k, entries, tuple(d for d, _ in forward))
+        )
+        for _, raw in forward:
+            self._outbox.append(Send(self._others(), raw))
+        self._ag.on_round_message(self.id, k, s.msg_digest, entries, s.raw)
 
     # ------------------------------------------------------------------ sending
     def _others(self) -> tuple[bytes, ...]:
@@ -535,18 +581,21 @@ class BtardPeer:
         return self._others_val
 
     def _put_slot(self, key: tuple, s: Signed) -> None:
-        """Fill (or overwrite) a slot, keeping `_missing` and `_held` in step with `slots`."""
-        old = self.slots.get(key)
+        """Fill a slot (first version), keeping `_missing` and `_versions` in step with `slots`."""
         self.slots[key] = s
-        held = self._held.get(key[0])
-        if held is None:
-            held = self._held[key[0]] = set()
-            self._held_order[key[0]] = {}
-        if old is not None:
-            held.discard((key[1], key[2], old.msg_digest))
-        held.add((key[1], key[2], s.msg_digest))
-        self._held_order[key[0]][key[1], key[2]] = s.msg_digest  # an overwrite keeps its place, as in `slots`
+        vers = self._versions.setdefault(key, [])
+        if all(v.msg_digest != s.msg_digest for v in vers):
+            vers.append(s)
         self._missing.discard(key)
+
+    def _add_public(self, s: Signed) -> None:
+        """Keep a public item of this step (agreed on in the ACCUSE phase)."""
+        if s.msg_digest in self.public:
+            return
+        self.public[s.msg_digest] = s
+        self._audit("msg", s)
+        if self.phase == Phase.ACCUSE and self._ag is not None:
+            self._ag.hold(s.msg_digest, (int(s.msg.kind), s.msg.sender, 0), s.msg.sender)
 
     def _sign(self, msg: Message) -> Signed:
         s = encode(msg, self.identity)
@@ -557,11 +606,25 @@ class BtardPeer:
             slot = msg.slot()
             if slot not in self.slots:
                 self._put_slot(slot, s)
+                self._feed(s)
             if msg.kind in (Kind.AGG_PART, Kind.AGG_COMMIT):
                 self._agg_cache.pop(msg.part, None)
         elif msg.kind == Kind.ACCUSE:
             self.accusations[s.msg_digest] = s
+            self._feed(s)
         return s
+
+    def _feed(self, s: Signed) -> None:
+        """Hand a held item to the running agreement if it is of the current phase's kinds."""
+        ag, m = self._ag, s.msg
+        if ag is None:
+            return
+        if m.kind == Kind.ACCUSE or m.kind in (Kind.JOIN, Kind.LEAVE):
+            if self.phase == Phase.ACCUSE:
+                ag.hold(s.msg_digest, (int(m.kind), m.sender, 0), m.sender)
+        elif KIND_PHASE.get(m.kind) == self.phase:
+            slot = m.slot()
+            ag.hold(s.msg_digest, (int(slot[0]), slot[1], slot[2]), m.sender)
 
     def _broadcast(self, msg: Message) -> Signed:
         s = self._sign(msg)
@@ -601,43 +664,62 @@ class BtardPeer:
     # ------------------------------------------------------------------ receiving
     def _handle(self, s: Signed, now: float) -> None:
         m = s.msg
-        self._seen.add(s.msg_digest)
         if m.kind == Kind.DIGEST:
             self._on_digest(s, now)
-            self._pull_parts(now)
             return
         if m.kind == Kind.PULL:
             if m.want_kind not in _KIND_VALUES:
                 self._reject(f"pull for unknown message kind {m.want_kind}")
                 return
             if m.public and m.want_kind == Kind.GRAD_PART and m.sender == self.aggregators.get(m.index):
-                self.public.setdefault(s.msg_digest, s)
-                self._audit("msg", s)
+                self._add_public(s)
             self._on_pull(m)
             return
         if m.kind == Kind.ACCUSE:
-            self.accusations.setdefault(s.msg_digest, s)
+            if s.msg_digest in self.accusations:
+                return
+            if self._accusations_from[m.sender] >= MAX_ACCUSATIONS_PER_SENDER:
+                self._reject("too many accusations from one sender")
+                return
+            self._accusations_from[m.sender] += 1
+            self.accusations[s.msg_digest] = s
             self._audit("msg", s)
+            self._feed(s)
             return
         if m.kind == Kind.LEAVE:
-            if s.msg_digest not in self.public:
-                self.public[s.msg_digest] = s
-                self._audit("msg", s)
+            self._add_public(s)
             return
         if not self._role_ok(m):
             self._reject(f"{m.kind.name} from {short_id(m.sender)} does not fit its role")
             return
+        if m.kind == Kind.GRAD_PART and self.phase != Phase.COMMIT:
+            agg = self.aggregators.get(m.part)
+            if agg != self.id or (m.sender, m.part) in self._my_public_pulls():
+                self._add_public(s)  # a public re-send (only the aggregator gets parts otherwise)
+            if agg != self.id:
+                return
         slot = m.slot()
-        old = self.slots.get(slot)
-        if old is not None:
-            if old.msg_digest != s.msg_digest:
-                self._audit("msg", s)
-                self._accuse(m.sender, Reason.EQUIVOCATION, getattr(m, "part", 0), (old, s), self.step)
+        vers = self._versions.get(slot, [])
+        if any(v.msg_digest == s.msg_digest for v in vers):
+            return
+        of_phase = KIND_PHASE.get(m.kind)
+        closed = of_phase is not None and self.phase > of_phase
+        if vers:
+            self._audit("msg", s)
+            self._accuse(m.sender, Reason.EQUIVOCATION, getattr(m, "part", 0), (vers[0], s), self.step)
+            if not closed and len(vers) < MAX_VERSIONS:
+                vers.append(s)  # both versions go to the agreement: if both are agreed, the slot is void
+                self._feed(s)
+            return
+        if closed:
+            self._reject(f"{m.kind.name} from {short_id(m.sender)} after its phase closed")
             return
         self._put_slot(slot, s)
+        self._feed(s)
         self._audit("msg", s)
         if m.kind == Kind.GRAD_PART:
-            self._on_grad_part(s, now)
+            if self.phase == Phase.SCATTER:
+                self._verify_part(s)
         elif m.kind in (Kind.AGG_PART, Kind.AGG_COMMIT):
             self._agg_cache.pop(m.part, None)
             self._check_agg_pair(m.part)
@@ -647,6 +729,13 @@ class BtardPeer:
             for j in range(len(self.bounds)):
                 if self.aggregators.get(j) == self.id and (Kind.GRAD_PART, m.sender, j) in self.slots:
                     self._verify_part(self.slots[(Kind.GRAD_PART, m.sender, j)])
+
+    def _my_public_pulls(self) -> set[tuple[bytes, int]]:
+        return {
+            (x.msg.origin, x.msg.index)
+            for x in self.public.values()
+            if x.msg.kind == Kind.PULL and x.msg.sender == self.id and x.msg.public
+        }
 
     def _role_ok(self, m: Message) -> bool:
         if m.kind in (Kind.GRAD_COMMIT, Kind.PROJ, Kind.GRAD_PART):
@@ -663,82 +752,58 @@ class BtardPeer:
         return True
 
     def _on_digest(self, s: Signed, now: float) -> None:
+        """A round message of some phase's agreement: counted toward its items' signers (see `agreement.py`)."""
         m: Digest = s.msg
-        kind = _KINDS.get(m.of_kind)
-        if kind is None:
+        if m.phase not in _BARRIER_PHASES or m.round > self.rounds:
+            self._reject(f"round message for phase {m.phase} round {m.round}")
             return
-        # Kept for the whole step: a faster peer's digest of a later phase may arrive before we get there.
-        got = (m.sender, int(kind))
-        self._digests_from.add(got)
-        b = self._barrier
-        if b is not None and b.want_left is not None:
-            b.want_left.discard(got)
-        if kind == Kind.ACCUSE:
-            listed = set()
-            for _origin, idx, h in m.entries:
-                listed.add(h)
-                have = h in self.accusations or h in self.public
-                self._want_listed(kind, h, idx, h, m.sender, have)  # public items are pulled by digest
-        else:
-            listed = m.listed_slots
-            held = self._held.get(kind)
-            if held is None or not m.entry_set <= held:  # else we hold every listed message: nothing to pull
-                for origin, idx, h in m.entries:
-                    mine = self.slots.get((kind, origin, idx))
-                    self._want_listed(
-                        kind, origin, idx, h, m.sender, mine is not None and mine.msg_digest == h
-                    )
-            if kind == Kind.AGG_COMMIT:
-                for origin, idx, _h in m.entries:
-                    if (Kind.AGG_PART, origin, idx) not in self.slots:
-                        first, holders = self._part_wants.setdefault((origin, idx), (now, set()))
-                        holders.add(m.sender)
-        # Public re-send: whatever of mine the digest's sender lacks, it gets again.
-        if self._is_member(m.sender):
-            if kind == Kind.ACCUSE:
-                mine = {d: x for d, x in self._public_items().items() if x.msg.sender == self.id}
-            else:
-                mine = self._own.get(kind, {})
-            for key, own in mine.items():
-                if key not in listed:
-                    self._outbox.append(Send((m.sender,), own.raw))
+        key = (m.sender, m.phase, m.round)
+        if self._round_versions.get(key, 0) >= MAX_VERSIONS:
+            return
+        self._round_versions[key] = self._round_versions.get(key, 0) + 1
+        if m.phase > self.phase:
+            self._early_rounds.append(s)  # bounded: MAX_VERSIONS per (sender, phase, round)
+            return
+        ag = self._ag
+        if m.phase < self.phase or ag is None or ag.closed:
+            return  # that phase's set is final
+        ag.on_round_message(m.sender, m.round, s.msg_digest, m.entries, s.raw)
+        ag.expect_support(m.support, m.sender)
+        self._pull_wanted(now)
 
-    def _want_listed(self, kind: Kind, origin: bytes, idx: int, h: bytes, holder: bytes, have: bool) -> None:
-        """A digest of `holder` lists message `h` in slot (kind, origin, idx): pull it once unless we have it."""
-        if not have and (kind, origin, idx, h, holder) not in self._pulled:
-            self._pulled.add((kind, origin, idx, h, holder))
-            self._awaiting[h] = (int(kind), origin, idx)
-            self._send_to(holder, Pull(self.cfg.run_id, self.step, self.id, int(kind), origin, idx))
-
-    def _part_pull_due(self, origin: bytes, first: float) -> float:
-        """When to pull an aggregated part that a digest listed and we lack. Parts are large, and the one on
-        its way from its aggregator usually arrives soon after a faster peer's digest, so pulling at once would
-        move it twice. Pull once its aggregator's own digest came (FIFO per link: it did not send it to us) or
-        a quarter of the phase timeout after the first listing, whichever is first."""
-        if (origin, int(Kind.AGG_COMMIT)) in self._digests_from:
-            return first
-        return first + PART_PULL_GRACE * self.phase_timeout
-
-    def _pending_part_pulls(self) -> list[tuple[float, tuple[bytes, int], list[bytes]]]:
-        """(when, (aggregator, part), holders not asked yet) for every listed part we still lack."""
-        out = []
-        for (origin, idx), (first, holders) in self._part_wants.items():
-            if (Kind.AGG_PART, origin, idx) in self.slots:
-                continue
-            ask = sorted(h for h in holders if (Kind.AGG_PART, origin, idx, h) not in self._pulled)
-            if ask:
-                out.append((self._part_pull_due(origin, first), (origin, idx), ask))
-        return out
-
-    def _pull_parts(self, now: float) -> None:
-        for due, (origin, idx), holders in self._pending_part_pulls():
-            if now >= due:
-                for holder in holders:
-                    self._pulled.add((Kind.AGG_PART, origin, idx, holder))
-                    pull = Pull(self.cfg.run_id, self.step, self.id, int(Kind.AGG_PART), origin, idx)
+    def _pull_wanted(self, now: float) -> None:
+        """Pull every listed item that could still be accepted and is not held: from its listers when due
+        (an aggregated part after a grace, as it is usually on its way), then once from every member."""
+        ag = self._ag
+        if ag is None or ag.closed:
+            return
+        self._pull_due.clear()
+        by_digest = self.phase == Phase.ACCUSE
+        for h, (kind, origin, idx), listers in ag.wanted():
+            since = self._want_since.setdefault(h, now)
+            due = since
+            if kind == Kind.AGG_PART and origin not in ag.heard.get(2, ()):
+                due = since + PART_PULL_GRACE * self.phase_timeout
+            pull = Pull(
+                self.cfg.run_id,
+                self.step,
+                self.id,
+                int(Kind.ACCUSE) if by_digest else kind,
+                h if by_digest else origin,
+                0 if by_digest else idx,
+            )
+            ask = [p for p in listers if p != self.id and (h, p) not in self._pulled]
+            if ask and now >= due:
+                for holder in ask:
+                    self._pulled.add((h, holder))
                     self._send_to(holder, pull)
-        for key in [k for k in self._part_wants if (Kind.AGG_PART, *k) in self.slots]:
-            del self._part_wants[key]
+                ask = []
+            retry = since + REPULL_AFTER * self.phase_timeout
+            if h not in self._repulled and now >= retry:
+                self._repulled.add(h)  # the first pull (or its answer) may have been lost: ask everyone once
+                self._broadcast(pull)
+            elif h not in self._repulled:
+                self._pull_due[h] = min(due, retry) if ask else retry
 
     def _public_senders(self, kind: Kind) -> set[bytes]:
         """Senders of this step's public items of `kind` (JOIN, LEAVE)."""
@@ -765,12 +830,11 @@ class BtardPeer:
     def _on_pull(self, m: Pull) -> None:
         if not self.behaviour.answers_pulls(self):
             return
-        if m.want_kind == Kind.ACCUSE:  # by digest: accusations and public re-send records
+        if m.want_kind == Kind.ACCUSE:  # by digest: accusations and public items
             item = self.accusations.get(m.origin) or self.public.get(m.origin)
             found = [item] if item is not None else []
-        else:
-            s = self.slots.get(self._slot_key(m.want_kind, m.origin, m.index))
-            found = [s] if s is not None else []
+        else:  # by slot: every version held (an equivocation's second version is an item too)
+            found = list(self._versions.get(self._slot_key(m.want_kind, m.origin, m.index), ()))
         if m.public:
             # The public re-send request for a missing gradient part: its owner re-sends it to everyone.
             if m.origin == self.id and self.gradient is not None and 0 <= m.index < len(self.bounds):
@@ -779,7 +843,7 @@ class BtardPeer:
                 s = self.slots.get(key) or self._sign(
                     GradPart.of(self.cfg.run_id, self.step, self.id, m.index, self.gradient[a:b])
                 )
-                self.public[s.msg_digest] = s
+                self._add_public(s)
                 self._outbox.append(Send(self._others(), s.raw))
             return
         for s in found:
@@ -789,16 +853,6 @@ class BtardPeer:
     def _expected_part_len(self, j: int) -> int:
         a, b = self.bounds[j]
         return b - a
-
-    def _on_grad_part(self, s: Signed, now: float) -> None:
-        m: GradPart = s.msg
-        if self.aggregators.get(m.part) == self.id:
-            if self.phase == Phase.SCATTER:
-                self._verify_part(s)
-        elif self.phase != Phase.COMMIT:
-            # A public re-send (only the aggregator gets parts otherwise). In COMMIT the aggregators are not
-            # assigned yet, so a part arriving then is an early input part for us, never a re-send.
-            self.public[s.msg_digest] = s
 
     def _verify_part(self, s: Signed) -> bool:
         """Aggregator-side checks of a received part; accuses with evidence and excludes it when bad."""
@@ -878,52 +932,71 @@ class BtardPeer:
 
     def _step_phase(self, now: float) -> None:
         ph = self.phase
-        if self._part_wants:
-            self._pull_parts(now)
         if ph == Phase.SCATTER:
             self._scatter_progress(now)
             return
-        b = self._barrier
-        if b is None:
+        ag = self._ag
+        if ag is None:
             return
-        have_all = not self._missing
-        if not b.digest_sent and (have_all or now >= b.deadline1):
-            b.digest_sent = True
-            for k in b.digest_kinds:
-                if k == Kind.ACCUSE:
-                    entries = tuple(
-                        (s.msg.sender, int(s.msg.kind), d) for d, s in self._public_items().items()
-                    )
-                else:  # the slots of kind k in the order they were filled
-                    entries = tuple((o, i, d) for (o, i), d in self._held_order.get(k, {}).items())
-                self._broadcast(Digest(self.cfg.run_id, self.step, self.id, int(k), entries))
-        if not b.digest_sent:
+        self._pull_wanted(now)
+        if ph == Phase.COMMIT:
+            live: tuple[bytes, ...] = self._others()
+        else:
+            alive = set(self._live())
+            live = tuple(p for p in self._others() if p in alive)
+        while not ag.closed:
+            passed = now >= ag.deadline()
+            if not passed and not ag.round_complete(live, bool(self._missing)):
+                return
+            out = ag.end_round(live, passed)
+            if out is None:
+                break
+            new, forward = out
+            self._round_message(ph, ag.round, tuple((*ag.held[d], d) for d in new), forward)
+            self._pull_wanted(now)
+        self._finalize_phase(ph)
+        self._close(ph, now)
+
+    def _finalize_phase(self, ph: Phase) -> None:
+        """Keep exactly the agreed items of the phase that closed: a slot with one agreed version holds it, a
+        slot with none is empty (whatever arrived here), a slot with two is void and proves equivocation."""
+        agreed = self._ag.agreed()
+        self._agreed_all |= agreed
+        self._pull_due.clear()
+        if ph == Phase.ACCUSE:
+            self._carry = [
+                x.msg
+                for d, x in self.accusations.items()
+                if d not in agreed and x.msg.sender == self.id and x.msg.step == self.step
+            ]
+            self.accusations = {d: x for d, x in self.accusations.items() if d in agreed}
+            self.public = {d: x for d, x in self.public.items() if d in agreed}
             return
-        if b.want is None:
-            b.want = {(p, int(k)) for p in self._others() for k in b.digest_kinds}
-            if ph == Phase.ACCUSE:
-                live = set(self._live())
-                b.want = {(p, k) for (p, k) in b.want if p in live}
-            b.want_left = b.want - self._digests_from
-        if self._awaiting:
-            for h in [h for h in self._awaiting if h in self._seen]:
-                del self._awaiting[h]
-        if self._awaiting and not b.repulled and now >= b.retry_at:
-            b.repulled = True  # the first pull (or its answer) may have been lost: ask everyone once more
-            for kind, origin, idx in dict.fromkeys(self._awaiting.values()):  # deduplicated, in a fixed order
-                self._broadcast(Pull(self.cfg.run_id, self.step, self.id, kind, origin, idx))
-        if (have_all and not self._awaiting and not b.want_left) or now >= b.deadline2:
-            self._close(ph, now)
+        kinds = BARRIER_KINDS[ph]
+        for slot, vers in self._versions.items():
+            if slot[0] not in kinds:
+                continue
+            acc = sorted((v for v in vers if v.msg_digest in agreed), key=lambda v: v.msg_digest)
+            if len(acc) == 1:
+                self.slots[slot] = acc[0]
+            else:
+                self.slots.pop(slot, None)
+                if len(acc) >= 2:
+                    self._equivocated[slot] = (acc[0], acc[1])
+            if slot[0] in (Kind.AGG_PART, Kind.AGG_COMMIT):
+                self._agg_cache.pop(slot[2], None)
 
     def _close(self, ph: Phase, now: float) -> None:
         if ph == Phase.COMMIT:
             self.committed = tuple(p for p in self.contributors if (Kind.GRAD_COMMIT, p, 0) in self.slots)
             self._assign_aggregators()
-            self._enter(Phase.SCATTER, now)
-            self._scatter_deadlines = [self._t0 + (PHASE_START[Phase.SCATTER] + 1) * self.phase_timeout]
+            self._enter(NEXT_PHASE[ph], now)
+            self._scatter_deadlines = [
+                self._t0 + (phase_start(Phase.SCATTER, self.rounds) + 1) * self.phase_timeout
+            ]
             self._send_parts()
         elif ph == Phase.AGGREGATE:
-            self._enter(Phase.MPRNG_COMMIT, now)
+            self._enter(NEXT_PHASE[ph], now)
             self._secret = self._secret_source(32)
             self._broadcast(
                 MprngCommit(
@@ -935,18 +1008,18 @@ class BtardPeer:
                 )
             )
         elif ph == Phase.MPRNG_COMMIT:
-            self._enter(Phase.MPRNG_REVEAL, now)
+            self._enter(NEXT_PHASE[ph], now)
             secret = self.behaviour.mprng_reveal(self, self._secret)
             if secret is not None:
                 self._broadcast(MprngReveal(self.cfg.run_id, self.step, self.id, secret))
         elif ph == Phase.MPRNG_REVEAL:
             self.r = self._shared_random()
-            self._enter(Phase.PROJ, now)
+            self._enter(NEXT_PHASE[ph], now)
             if self.gradient is not None and self.id in self.committed:
                 self._send_projections()
         elif ph == Phase.PROJ:
             self._check_reports()
-            self._enter(Phase.ACCUSE, now)
+            self._enter(NEXT_PHASE[ph], now)
         elif ph == Phase.ACCUSE:
             self._finish()
 
@@ -999,10 +1072,12 @@ class BtardPeer:
                 missing[j] = lacking
         if not missing:
             self._scatter_deadlines = []
-            self._enter(Phase.AGGREGATE, now)
+            self._enter(NEXT_PHASE[Phase.SCATTER], now)
             return
         if not public_round and now >= self._scatter_deadlines[0]:
-            self._scatter_deadlines.append(self._t0 + PHASE_START[Phase.AGGREGATE] * self.phase_timeout)
+            self._scatter_deadlines.append(
+                self._t0 + phase_start(Phase.AGGREGATE, self.rounds) * self.phase_timeout
+            )
             for j, lacking in missing.items():
                 for p in lacking:
                     pull = self._broadcast(
@@ -1030,12 +1105,10 @@ class BtardPeer:
         }
 
     def _resent(self, p: bytes, j: int) -> bool:
-        return (
-            any(
-                s.msg.kind == Kind.GRAD_PART and s.msg.sender == p and s.msg.part == j
-                for s in self.public.values()
-            )
-            or (Kind.GRAD_PART, p, j) in self.slots
+        """Whether `p` re-sent part j publicly (an agreed public item: the aggregator's own copy is no proof)."""
+        return any(
+            s.msg.kind == Kind.GRAD_PART and s.msg.sender == p and s.msg.part == j
+            for s in self.public.values()
         )
 
     def _proven_bad_part(self, j: int) -> set[bytes]:
@@ -1156,8 +1229,17 @@ class BtardPeer:
                 if not self._proj_entry_ok(proj.msg, j, part.msg, agg, zs[j]):
                     self._accuse(p, Reason.WRONG_PROJECTION, j, (part, proj), self.step)
 
-    def _proj_entry_ok(self, proj: Proj, j: int, part: GradPart, agg: torch.Tensor, z: torch.Tensor) -> bool:
-        if proj.norms.shape[0] != len(self.bounds) or proj.num_projections != self.cfg.num_projections:
+    def _proj_entry_ok(
+        self,
+        proj: Proj,
+        j: int,
+        part: GradPart,
+        agg: torch.Tensor,
+        z: torch.Tensor,
+        nparts: int | None = None,
+    ) -> bool:
+        nparts = len(self.bounds) if nparts is None else nparts
+        if proj.norms.shape[0] != nparts or proj.num_projections != self.cfg.num_projections:
             return False
         return checks.projection_report_matches(
             (float(proj.norms[j]), proj.projections[j]), checks.project(part.tensor(), agg, z)
@@ -1198,9 +1280,37 @@ class BtardPeer:
         return dev <= checks.validation_tolerance(float(g.norm()), self.cfg.validation_rtol)
 
     # ------------------------------------------------------------------ verdicts
+    def _view(self, step: int) -> _StepView | None:
+        """What evidence about `step` is checked against: this step's state, or the last step's record."""
+        if step == self.step:
+            return _StepView(
+                self.step,
+                self.bounds,
+                {p: x for (k, p, _), x in self.slots.items() if k == Kind.GRAD_COMMIT},
+                self._aggregate_part,
+                lambda j: self._zs()[j],
+            )
+        rec = self._records.get(step)
+        if rec is None or step != self.step - 1:
+            return None
+        k = self.cfg.num_projections
+        return _StepView(
+            rec.step,
+            rec.bounds,
+            rec.commits,
+            rec.published.get,
+            lambda j: self._zcache.get(rec.r, j, rec.bounds[j][1] - rec.bounds[j][0], k),
+        )
+
     def _resolve(self, s: Signed) -> bytes | None:
-        """Who an accusation bans: the accused if the evidence proves it, otherwise the accuser."""
+        """Who an accusation bans: the accused if the evidence proves it, otherwise the accuser; None when it
+        is about a step that can no longer be checked (no verdict: an accusation carried too long is dropped)."""
         a: Accuse = s.msg
+        if a.reason == Reason.VALIDATION:
+            if a.about_step != self.step - 1:
+                return None
+        elif a.about_step not in (self.step, self.step - 1) or self._view(a.about_step) is None:
+            return None
         try:
             ev = [decode(raw, self.cfg.limits) for raw in a.evidence]
         except MalformedMessage:
@@ -1221,8 +1331,14 @@ class BtardPeer:
             if self.oracle is None:
                 raise LocalProtocolError("resolving a validator's accusation needs a gradient oracle")
             return not self._validation_passes(rec, a.accused)
-        if a.about_step != self.step or any(e.msg.step != self.step for e in ev):
+        v = self._view(a.about_step)
+        if v is None or any(e.msg.step != v.step for e in ev):
             return False
+        nparts = len(v.bounds)
+
+        def part_len(j: int) -> int:
+            return v.bounds[j][1] - v.bounds[j][0]
+
         if r == Reason.EQUIVOCATION and len(ev) == 2:
             m1, m2 = ev[0].msg, ev[1].msg
             if m1.kind == m2.kind and m1.slot() == m2.slot() and m1.kind in CONTENT_KINDS:
@@ -1230,47 +1346,48 @@ class BtardPeer:
             if {m1.kind, m2.kind} == {Kind.AGG_COMMIT, Kind.AGG_PART} and m1.part == m2.part:
                 c, p = (m1, m2) if m1.kind == Kind.AGG_COMMIT else (m2, m1)
                 return (
-                    bytes_digest("agg-part", self.cfg.run_id, self.step, p.sender, p.part, p.data)
-                    != c.agg_hash
+                    bytes_digest("agg-part", self.cfg.run_id, v.step, p.sender, p.part, p.data) != c.agg_hash
                 )
             return False
         if r == Reason.COMMIT_MISMATCH and len(ev) == 2:
             c, p = ev[0].msg, ev[1].msg
             if c.kind != Kind.GRAD_COMMIT or p.kind != Kind.GRAD_PART or p.part != a.part:
                 return False
-            if len(c.part_hashes) != len(self.bounds):
+            if len(c.part_hashes) != nparts:
                 return True
+            if not 0 <= p.part < nparts:
+                return False
             return (
-                bytes_digest("grad-part", self.cfg.run_id, self.step, p.sender, p.part, p.data)
+                bytes_digest("grad-part", self.cfg.run_id, v.step, p.sender, p.part, p.data)
                 != c.part_hashes[p.part]
             )
         if r in (Reason.NONFINITE, Reason.BAD_SHAPE) and len(ev) == 1:
             p = ev[0].msg
-            if p.kind not in (Kind.GRAD_PART, Kind.AGG_PART) or not 0 <= p.part < len(self.bounds):
+            if p.kind not in (Kind.GRAD_PART, Kind.AGG_PART) or not 0 <= p.part < nparts:
                 return False
             if r == Reason.BAD_SHAPE:
-                return len(p.data) // 4 != self._expected_part_len(p.part)
+                return len(p.data) // 4 != part_len(p.part)
             return not np.isfinite(np.frombuffer(p.data, dtype="<f4")).all()
         if r == Reason.MPRNG_MISMATCH and len(ev) == 2:
             c, rv = ev[0].msg, ev[1].msg
             if c.kind != Kind.MPRNG_COMMIT or rv.kind != Kind.MPRNG_REVEAL:
                 return False
-            return _mprng_commitment(self, a.accused, rv.secret) != c.commitment
+            return _mprng_digest(self.cfg.run_id, v.step, a.accused, rv.secret) != c.commitment
         if r == Reason.WRONG_PROJECTION and len(ev) == 2:
             p, pr = ev[0].msg, ev[1].msg
             if p.kind != Kind.GRAD_PART or pr.kind != Kind.PROJ or p.part != a.part:
                 return False
-            if not 0 <= p.part < len(self.bounds) or len(p.data) // 4 != self._expected_part_len(p.part):
+            if not 0 <= p.part < nparts or len(p.data) // 4 != part_len(p.part):
                 return False
-            commit = self.slots.get((Kind.GRAD_COMMIT, a.accused, 0))
+            commit = v.commits.get(a.accused)
             if commit is None or commit.msg.part_hashes[p.part : p.part + 1] != (
-                bytes_digest("grad-part", self.cfg.run_id, self.step, p.sender, p.part, p.data),
+                bytes_digest("grad-part", self.cfg.run_id, v.step, p.sender, p.part, p.data),
             ):
                 return False  # the part must be the committed one
-            agg = self._aggregate_part(p.part)
+            agg = v.agg_part(p.part)
             if agg is None:
                 return False
-            return not self._proj_entry_ok(pr, p.part, p, agg, self._zs()[p.part])
+            return not self._proj_entry_ok(pr, p.part, p, agg, v.z(p.part), nparts)
         return False
 
     def _void_parts(self) -> set[int]:
@@ -1299,6 +1416,9 @@ class BtardPeer:
                 verdicts[who] = Verdict(self.step, who, reason, accuser, evidence)
 
         corrected: dict[tuple[int, bytes], tuple[float, np.ndarray]] = {}
+        # Two agreed versions of one slot: the agreed items themselves prove equivocation.
+        for slot, (v1, v2) in sorted(self._equivocated.items(), key=lambda kv: kv[1][0].msg_digest):
+            ban(slot[1], "equivocation", None, (v1.msg_digest, v2.msg_digest))
         void = self._void_parts()
         for d in sorted(self.accusations):
             s = self.accusations[d]
@@ -1306,7 +1426,11 @@ class BtardPeer:
             if a.reason == Reason.WRONG_PROJECTION and a.part in void:
                 continue  # projections against an equivocated aggregate mean nothing: no verdict
             who = self._resolve(s)
-            if who == a.accused:
+            if who is None:
+                continue  # about a step whose records are gone: no verdict either way
+            if who == a.accused and a.about_step != self.step and a.reason != Reason.VALIDATION:
+                ban(who, a.reason.name.lower().replace("_", "-"), a.sender, (d,))  # carried from step t − 1
+            elif who == a.accused:
                 ban(who, a.reason.name.lower().replace("_", "-"), a.sender, (d,))
                 if a.reason == Reason.WRONG_PROJECTION:
                     part = decode(a.evidence[0], self.cfg.limits).msg
@@ -1452,6 +1576,7 @@ class BtardPeer:
             next_phase_timeout=next_timeout,
             probation=dict(probation),
             partitioned=partitioned,
+            agreed=tuple(sorted(self._agreed_all)),
         )
         self._audit("step", result)
         self._outbox.append(result)

@@ -1,9 +1,9 @@
 """The phases of one BTARD step as data (after h11's `_state.py`): who waits for what, and what follows.
 
-Each row: phase -> (kinds whose messages close it, the phase that follows, timeout multiple). A barrier phase
-collects its kinds until every expected message is present or its first deadline passes, then publishes a
-DIGEST of what it holds, pulls what others hold and it lacks (two different signed messages in one slot are an
-equivocation proof), and closes once every member's digest arrived or its second deadline passes.
+Each barrier phase collects its kinds until every expected message is present or its first deadline passes, then
+runs the rounds of its agreement (`agreement.py`): DIGESTs of what each peer accepted, pulls of what others hold
+and it lacks (two different signed messages in one slot are an equivocation proof), until round R closes with
+the same accepted set at every honest peer. `NEXT_PHASE` says what follows each phase.
 """
 
 from __future__ import annotations
@@ -31,22 +31,44 @@ BARRIER_KINDS: dict[Phase, tuple[Kind, ...]] = {
     Phase.MPRNG_COMMIT: (Kind.MPRNG_COMMIT,),
     Phase.MPRNG_REVEAL: (Kind.MPRNG_REVEAL,),
     Phase.PROJ: (Kind.PROJ,),
-    Phase.ACCUSE: (Kind.ACCUSE,),
+    Phase.ACCUSE: (Kind.ACCUSE, Kind.JOIN, Kind.LEAVE, Kind.PULL, Kind.GRAD_PART),  # the step's public items
 }
 
-# When each phase's barrier starts, in units of the phase timeout T after the step began. A barrier's first
-# deadline is start + T, its second start + 2T. Deadlines are absolute (from the step start), so a peer that is
-# slow in one phase does not shift its later deadlines, and peers stay in lock-step as a synchronous round
-# protocol requires. SCATTER: public re-send requests at 3T, aggregation at the latest at 4T.
-PHASE_START: dict[Phase, int] = {
-    Phase.COMMIT: 0,
-    Phase.SCATTER: 2,
-    Phase.AGGREGATE: 4,
-    Phase.MPRNG_COMMIT: 6,
-    Phase.MPRNG_REVEAL: 8,
-    Phase.PROJ: 10,
-    Phase.ACCUSE: 12,
+# The barrier phase whose agreement covers each broadcast kind (public items: see BARRIER_KINDS[ACCUSE]).
+KIND_PHASE: dict[Kind, Phase] = {
+    Kind.GRAD_COMMIT: Phase.COMMIT,
+    Kind.AGG_COMMIT: Phase.AGGREGATE,
+    Kind.AGG_PART: Phase.AGGREGATE,
+    Kind.MPRNG_COMMIT: Phase.MPRNG_COMMIT,
+    Kind.MPRNG_REVEAL: Phase.MPRNG_REVEAL,
+    Kind.PROJ: Phase.PROJ,
 }
+
+# Each barrier phase runs the R rounds of its agreement (see `agreement.py`), round k ending at the latest at
+# phase start + k·T; SCATTER has two deadlines (public re-send requests at +T, aggregation at the latest at +2T).
+# Deadlines are absolute (from the step start), so a peer that is slow in one phase does not shift its later
+# deadlines, and peers stay in lock-step as a synchronous round protocol requires.
+SCATTER_LENGTH = 2
+PHASE_ORDER: tuple[Phase, ...] = (
+    Phase.COMMIT,
+    Phase.SCATTER,
+    Phase.AGGREGATE,
+    Phase.MPRNG_COMMIT,
+    Phase.MPRNG_REVEAL,
+    Phase.PROJ,
+    Phase.ACCUSE,
+)
+
+
+def phase_start(phase: Phase, rounds: int) -> int:
+    """When `phase` starts, in units of the phase timeout T after the step began, with R = `rounds`."""
+    off = 0
+    for p in PHASE_ORDER:
+        if p == phase:
+            return off
+        off += SCATTER_LENGTH if p == Phase.SCATTER else rounds
+    raise ValueError(f"{phase!r} has no start")
+
 
 NEXT_PHASE: dict[Phase, Phase] = {
     Phase.IDLE: Phase.COMMIT,
