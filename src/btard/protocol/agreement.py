@@ -145,7 +145,7 @@ class PhaseAgreement:
     ) -> tuple[list[bytes], list[tuple[bytes, bytes]]] | None:
         """Close the current round. Returns (items to list, (digest, raw) of the support messages to forward)
         for the next round's DIGEST, or None when this was round R (the accepted set is final)."""
-        if deadline_passed:
+        if deadline_passed and (self.round >= 2 or not self.origin_signs):  # rounds that wait for members
             self.timed_out |= self.waiting_for(live)
         k = self.round
         new = sorted(d for d, r in self.accepted.items() if r == k and d not in self.relayed)

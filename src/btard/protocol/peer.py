@@ -692,6 +692,12 @@ class BtardPeer:
         if not self._role_ok(m):
             self._reject(f"{m.kind.name} from {short_id(m.sender)} does not fit its role")
             return
+        problem = self._shape_problem(m, len(self.bounds))
+        if problem is not None:  # signed and malformed for this step: evidence against its sender
+            self._reject(f"{m.kind.name} from {short_id(m.sender)}: {problem}")
+            self._audit("msg", s)
+            self._accuse(m.sender, Reason.BAD_SHAPE, 0, (s,), self.step)
+            return
         if m.kind == Kind.GRAD_PART and self.phase != Phase.COMMIT:
             agg = self.aggregators.get(m.part)
             if agg != self.id or (m.sender, m.part) in self._my_public_pulls():
@@ -729,6 +735,18 @@ class BtardPeer:
             for j in range(len(self.bounds)):
                 if self.aggregators.get(j) == self.id and (Kind.GRAD_PART, m.sender, j) in self.slots:
                     self._verify_part(self.slots[(Kind.GRAD_PART, m.sender, j)])
+
+    def _shape_problem(self, m: Message, nparts: int) -> str | None:
+        """What makes a commit or report unfit for a step with `nparts` parts (None: it fits). Parts are
+        checked against their commits by their aggregator (`_verify_part`, `_check_agg_pair`)."""
+        if m.kind == Kind.GRAD_COMMIT and len(m.part_hashes) != nparts:
+            return f"{len(m.part_hashes)} part hashes for {nparts} parts"
+        if m.kind == Kind.PROJ:
+            if m.norms.shape[0] != nparts:
+                return f"{m.norms.shape[0]} rows for {nparts} parts"
+            if m.num_projections != self.cfg.num_projections:
+                return f"{m.num_projections} projections per part, expected {self.cfg.num_projections}"
+        return None
 
     def _my_public_pulls(self) -> set[tuple[bytes, int]]:
         return {
@@ -1361,6 +1379,8 @@ class BtardPeer:
                 bytes_digest("grad-part", self.cfg.run_id, v.step, p.sender, p.part, p.data)
                 != c.part_hashes[p.part]
             )
+        if r == Reason.BAD_SHAPE and len(ev) == 1 and ev[0].msg.kind in (Kind.GRAD_COMMIT, Kind.PROJ):
+            return self._shape_problem(ev[0].msg, nparts) is not None
         if r in (Reason.NONFINITE, Reason.BAD_SHAPE) and len(ev) == 1:
             p = ev[0].msg
             if p.kind not in (Kind.GRAD_PART, Kind.AGG_PART) or not 0 <= p.part < nparts:
@@ -1468,8 +1488,10 @@ class BtardPeer:
                 )
                 continue
             projs = [self.slots.get((Kind.PROJ, p, 0)) for p in senders]
-            if any(pr is None or pr.msg.norms.shape[0] != len(self.bounds) for pr in projs) or not senders:
-                applied[j] = agg  # a silent reporter leaves the part unchecked this step (it is excluded)
+            if not senders or any(pr is None for pr in projs):
+                # A part that cannot be checked is never applied (its silent reporters are excluded; shapes
+                # were checked at receipt, so every agreed PROJ has one row of K projections per part).
+                unapplied.append(j)
                 continue
             norms = np.array([pr.msg.norms[j] for pr in projs])
             s_vals = np.stack([pr.msg.projections[j] for pr in projs])
