@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from btard.aggregation import CClipResult, NonFiniteInputError, centered_clip, clip_weights
+from btard.aggregation.centered_clip import TAU_FLOOR_ABS, TAU_FLOOR_REL
 
 
 def gen(seed: int) -> torch.Generator:
@@ -76,11 +77,18 @@ def test_clip_weights_conventions():
     t, w = clip_weights(d, "adaptive", lam=2.0)
     assert t == 3.0
     t, w = clip_weights(torch.tensor([0.0, 0.0, 0.0, 5.0]), "adaptive")
-    assert t == 0.0 and w.tolist() == [1.0, 1.0, 1.0, 0.0]  # τ = 0: weight 1 only at distance 0, never NaN
+    # median 0: τ is the absolute floor; weight 1 at distance 0, never NaN
+    assert t == TAU_FLOOR_ABS and w.tolist() == [1.0, 1.0, 1.0, TAU_FLOOR_ABS / 5]
+    t, w = clip_weights(torch.tensor([0.0, 0.0, 0.0, 5.0]), "adaptive", ref_norm=2000.0)
+    assert t == 2000.0 * TAU_FLOOR_REL and w.tolist() == [1.0, 1.0, 1.0, 0.4]  # the relative floor
+    t, _ = clip_weights(d, "adaptive", ref_norm=2000.0)
+    assert t == 2.0  # max(λ·median = 1.5, 10⁻³·2000)
+    t, _ = clip_weights(d, 1.0, ref_norm=2000.0)
+    assert t == 1.0  # a fixed τ has no floor
     t, w = clip_weights(torch.tensor([3.0, 1.0, 2.0]), 1.0)
     assert t == 1.0 and w.tolist() == pytest.approx([1 / 3, 1.0, 0.5])
     t, w = clip_weights(torch.empty(0, dtype=torch.float64), "adaptive")
-    assert t == 0.0 and w.numel() == 0
+    assert t == TAU_FLOOR_ABS and w.numel() == 0
     with pytest.raises(ValueError):
         clip_weights(torch.tensor([1.0, float("nan")]), 1.0)
     with pytest.raises(ValueError):
@@ -96,12 +104,12 @@ def test_identical_rows_give_zero_distances_and_no_nan(tau):
     assert res.converged and res.iterations == 0 and res.residual == 0.0 and res.n_clipped == 0
 
 
-def test_majority_at_the_median_gives_tau_zero_and_returns_it():
+def test_majority_at_the_median_at_zero_gets_the_absolute_floor():
     x = torch.zeros(5, 4)
     x[3] = 1.0
     x[4] = -7.0
     res = centered_clip(x, "adaptive")
-    assert res.tau == 0.0 and res.converged and res.residual == 0.0
+    assert res.tau == TAU_FLOOR_ABS and res.converged and res.residual <= 5 * 1e-4 * res.tau
     assert torch.equal(res.value, torch.zeros(4))
     assert res.n_clipped == 2
     fixed = centered_clip(x, 1.0)  # τ = 1: the pulls of rows 3 (w = 1/2) and 4 (w = 1/14) cancel at 0
@@ -262,3 +270,44 @@ def test_lambda_above_one_lets_colluders_inflate_tau():
     err3, tau3 = error(3.0)
     assert err1 < 1.0  # measured ≈ 0.76
     assert err3 > 50 * err1 and tau3 > 100 * tau1  # measured ≈ 310 and τ ≈ 1100 vs 2
+
+
+def test_identical_byzantine_majority_does_not_own_the_aggregate():
+    """Issue 11: 7 identical Byzantine rows B among 13 put the median start at B and the median distance at 0;
+    without a floor τ = 0 and the result was exactly B. The floor keeps the honest rows' weight positive."""
+    g = gen(11)
+    honest = torch.randn(6, 200, generator=g) + 1.0
+    b = -3.0 * honest.mean(dim=0)
+    x = torch.cat([b.repeat(7, 1), honest])
+    res = centered_clip(x)
+    assert res.converged
+    assert not torch.equal(res.value, b)
+    assert res.tau >= TAU_FLOOR_REL * float(res.value.double().norm()) * (1 - 1e-12)
+    # the result moved from B towards the honest rows
+    assert float((res.value.double() - honest.double().mean(0)).norm()) < float((b - honest.mean(0)).norm())
+    # and a verifier reproduces τ from the distances and ‖r‖
+    dists = (x.double() - res.value.double()).norm(dim=1)
+    t, w = clip_weights(dists, "adaptive", ref_norm=float(res.value.double().norm()))
+    assert t == pytest.approx(res.tau, rel=1e-6)
+    assert float((w @ (x.double() - res.value.double())).norm()) <= 13 * 1e-4 * t * 1.01 + 1e-5 * float(w @ dists)
+
+
+def test_floor_bias_is_bounded_with_an_honest_majority():
+    """Honest rows all identical (ρ = 0), 7 of 16 Byzantine rows far away: the floor is active and the bias
+    stays below (α‖μ‖ + τ_abs)/(1 − α), the bound of the docstring."""
+    mu = torch.randn(300, generator=gen(12), dtype=torch.float64)
+    x = mu.repeat(16, 1)
+    x[:7] = -1e6 * mu + torch.randn(7, 300, generator=gen(13), dtype=torch.float64)
+    res = centered_clip(x)
+    assert res.converged
+    bias = float((res.value - mu).norm())
+    assert 0 < bias <= (TAU_FLOOR_REL * float(mu.norm()) + TAU_FLOOR_ABS) / (1 - TAU_FLOOR_REL)
+
+
+def test_floor_does_not_change_ordinary_results():
+    """On spread-out rows (honest distances ≫ 10⁻³‖r‖) the floor is inactive: τ is λ·median distance."""
+    x = sign_flip_inputs(n=16, d=300, seed=4)
+    res = centered_clip(x)
+    dists = (x.double() - res.value.double()).norm(dim=1)
+    s = torch.sort(dists).values
+    assert res.tau == pytest.approx(float((s[7] + s[8]) / 2), rel=1e-6)

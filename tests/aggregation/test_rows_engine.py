@@ -26,8 +26,9 @@ def run_all(engine, x):
     dists = engine.distances(r)
     coef = torch.linspace(0.01, 0.1, x.shape[0], dtype=torch.float64)
     r_next = torch.empty_like(r)
-    step, dists_next = engine.step(r, coef, r_next)
-    return med, sums, dists0, trimmed, dists, step, r_next, dists_next, engine.pairwise_sq_distances()
+    step, dists_next, norm_next = engine.step(r, coef, r_next)
+    pairwise = engine.pairwise_sq_distances()
+    return med, sums, dists0, trimmed, dists, step, r_next, dists_next, norm_next, pairwise
 
 
 def test_cpu_engine_is_thread_count_independent(x):
@@ -45,7 +46,7 @@ def test_cpu_engine_is_thread_count_independent(x):
 def test_cpu_engine_matches_torch_engine_and_float64_reference(x):
     cpu = run_all(CpuRows(x), x)
     ref = run_all(TorchRows(x), x)
-    med, sums, dists0, trimmed, dists, step, r_next, dists_next, pairs = cpu
+    med, sums, dists0, trimmed, dists, step, r_next, dists_next, norm_next, pairs = cpu
     torch.testing.assert_close(med, ref[0])
     torch.testing.assert_close(med, torch.quantile(x, 0.5, dim=0))
     torch.testing.assert_close(sums, x.double().sum(dim=1), rtol=1e-5, atol=1e-3)  # a finiteness summary
@@ -60,7 +61,9 @@ def test_cpu_engine_matches_torch_engine_and_float64_reference(x):
     torch.testing.assert_close(dists_next, (x64 - r_next.double()).norm(dim=1), rtol=1e-6, atol=0)
     direct = torch.cdist(x64, x64, compute_mode="donot_use_mm_for_euclid_dist").square()
     torch.testing.assert_close(pairs, direct, rtol=1e-10, atol=1e-6)
-    torch.testing.assert_close(ref[8], direct, rtol=1e-10, atol=1e-6)
+    torch.testing.assert_close(ref[9], direct, rtol=1e-10, atol=1e-6)
+    assert norm_next == pytest.approx(float(r_next.double().norm()), rel=1e-6)
+    assert ref[8] == pytest.approx(norm_next, rel=1e-6)
     assert torch.equal(pairs, pairs.T) and bool((pairs.diagonal() == 0).all())
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -41,3 +43,31 @@ def ensure_finite(x: Tensor, suspects: Tensor | None = None) -> None:
     rows = nonfinite_rows(x, suspects)
     if rows:
         raise NonFiniteInputError(rows)
+
+
+# Inputs are scaled so that max|x| ≤ 2^WIDE_EXP before float64 arithmetic: differences stay ≤ 2^(WIDE_EXP+1),
+# and a sum of 2^63 of their squares ≤ 2^(2·WIDE_EXP+65) < 2^1024 cannot overflow. Float32 inputs (< 2^128)
+# are never scaled.
+WIDE_EXP = 448
+
+
+def widened(x: Tensor) -> tuple[Tensor, int]:
+    """(x in float64 scaled by 2^-shift, shift ≥ 0): the fallback of the rules when arithmetic in x's dtype
+    overflows on finite inputs. Scaling by a power of two is exact (except for entries pushed below float64's
+    normal range, which are then negligible next to the largest); x is not modified."""
+    wide = x.to(torch.float64)
+    lo, hi = torch.aminmax(wide)
+    amax = max(-float(lo), float(hi))
+    shift = 0
+    if amax > 2.0**WIDE_EXP:
+        shift = math.frexp(amax)[1] - WIDE_EXP
+        wide = wide * 2.0**-shift
+    return wide, shift
+
+
+def narrowed(value: Tensor, shift: int, dtype: torch.dtype) -> Tensor:
+    """A result computed on `widened(x)` back in x's scale and dtype, clamped to the dtype's finite range (the
+    rules' results lie in the inputs' hull, so the clamp only catches rounding at the edge of the range)."""
+    out = value * 2.0**shift if shift else value
+    fmax = torch.finfo(dtype).max
+    return out.to(dtype).clamp_(-fmax, fmax)

@@ -12,11 +12,18 @@ Two engines with one interface, chosen by `rows_engine`:
 
 Differences x_i − r are formed in the input dtype; sums of squares are accumulated across chunks in float64,
 so a distance carries the float error of one chunk (~1e-6 relative for float32), not of the whole vector.
+After each pass, the chunks whose float32 sums of squares overflowed (rows beyond ~1.8e19 per chunk) or fell
+below `SQ_LOW` (where squares of float32 entries underflow) are recomputed from x widened to float64 (one
+vectorised test per pass, so ordinary inputs pay nothing per chunk): distances and norms are finite and
+accurate for any finite float32 entries. Only an update u or iterate that itself overflows float32 (entries
+near ±3.4e38 of both signs) is left non-finite, and the callers then redo the rule on a float64 copy of x.
+The decisions depend only on the data, so results stay bit-identical across calls and thread counts.
 Neither engine modifies x.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,6 +38,17 @@ from btard.aggregation._sortnet import selection_network
 CHUNK_ELEMENTS = 1 << 17
 # Below this many elements per thread a pass takes well under a millisecond: starting threads would cost more.
 MIN_ELEMENTS_PER_THREAD = 1 << 20
+# A float32 sum of squares below this may have lost relative precision to underflowed squares (≤ 2⁻¹²⁶ each,
+# at most 2¹⁷ of them per chunk: ≤ 2⁻²⁹ relative above 2⁻⁸⁰); such chunks are recomputed in float64.
+SQ_LOW = 2.0**-80
+
+
+def _suspect(parts: np.ndarray) -> np.ndarray:
+    """Indices along axis 0 of chunk partial sums of squares that overflowed, are NaN or may have underflowed."""
+    ok = (parts >= SQ_LOW) & (parts < math.inf)
+    if ok.all():
+        return np.empty(0, np.intp)
+    return np.nonzero(~ok.reshape(len(ok), -1).all(axis=1))[0]
 
 
 class CpuRows:
@@ -50,6 +68,7 @@ class CpuRows:
         self._dots = [np.empty((self.n, 1, 1), self.dtype) for _ in range(k)]
         self._sq_parts = np.empty((len(self._bounds), self.n), np.float64)
         self._step_parts = np.empty(len(self._bounds), np.float64)
+        self._norm_parts = np.empty(len(self._bounds), np.float64)
 
     def _run(self, work: Callable[[int], None]) -> None:
         """Run work(k) for every thread group k; NaN/Inf are reported by the callers, not as numpy warnings."""
@@ -71,8 +90,24 @@ class CpuRows:
         np.matmul(diff[:, None, :], diff[:, :, None], out=dots)
         self._sq_parts[c] = dots[:, 0, 0]
 
-    def _distances_from_parts(self) -> Tensor:
+    def _distances_from_parts(self, ref: np.ndarray) -> Tensor:
+        """The distances ‖x_i − ref‖ from the chunk partial sums, suspect chunks recomputed in float64."""
+        if self.dtype != np.float64:
+            for c in _suspect(self._sq_parts):
+                s, e = self._bounds[c]
+                with np.errstate(all="ignore"):
+                    wide = self._x[:, s:e].astype(np.float64) - ref[s:e]
+                    self._sq_parts[c] = np.einsum("ij,ij->i", wide, wide)
         return torch.from_numpy(np.sqrt(self._sq_parts.sum(axis=0)))
+
+    def _norm_from_parts(self, v: np.ndarray) -> float:
+        """‖v‖ from the chunk partial sums in `_norm_parts`, suspect chunks recomputed in float64."""
+        if self.dtype != np.float64:
+            for c in _suspect(self._norm_parts):
+                s, e = self._bounds[c]
+                wide = v[s:e].astype(np.float64)
+                self._norm_parts[c] = np.dot(wide, wide)
+        return float(np.sqrt(self._norm_parts.sum()))
 
     def order_stats(
         self, ranks: Sequence[int], scale: float, *, distances: bool = False
@@ -112,7 +147,7 @@ class CpuRows:
                     self._row_sq(k, c, rows)
 
         self._run(work)
-        dists = self._distances_from_parts() if distances else None
+        dists = self._distances_from_parts(out) if distances else None
         return torch.from_numpy(out), torch.from_numpy(sums.sum(axis=0)), dists
 
     def distances(self, r: Tensor) -> Tensor:
@@ -128,11 +163,23 @@ class CpuRows:
                 self._row_sq(k, c, diff)
 
         self._run(work)
-        return self._distances_from_parts()
+        return self._distances_from_parts(rv)
 
-    def step(self, r: Tensor, coef: Tensor, r_next: Tensor) -> tuple[float, Tensor]:
+    def norm(self, v: Tensor) -> float:
+        """‖v‖ of a (d,) tensor in x's dtype, float64 accumulation in chunk order (independent of threads)."""
+        vv = v.numpy()
+
+        def work(k: int) -> None:
+            for c in self._groups[k]:
+                s, e = self._bounds[c]
+                self._norm_parts[c] = np.dot(vv[s:e], vv[s:e])
+
+        self._run(work)
+        return self._norm_from_parts(vv)
+
+    def step(self, r: Tensor, coef: Tensor, r_next: Tensor) -> tuple[float, Tensor, float]:
         """One fused read of x: u = Σ_i coef_i (x_i − r); writes r_next = r + u (in x's dtype) and returns
-        (‖u‖, distances ‖x_i − r_next‖ to the stored, rounded r_next). `r` is left unchanged."""
+        (‖u‖, distances ‖x_i − r_next‖ to the stored, rounded r_next, ‖r_next‖). `r` is left unchanged."""
         rv, nv = r.numpy(), r_next.numpy()
         cv = coef.numpy().astype(self.dtype)
 
@@ -145,11 +192,19 @@ class CpuRows:
                 np.matmul(cv, diff, out=u)
                 self._step_parts[c] = np.dot(u, u)
                 np.add(rv[s:e], u, out=nv[s:e])
+                self._norm_parts[c] = np.dot(nv[s:e], nv[s:e])
                 np.subtract(self._x[:, s:e], nv[s:e], out=diff)
                 self._row_sq(k, c, diff)
 
         self._run(work)
-        return float(np.sqrt(self._step_parts.sum())), self._distances_from_parts()
+        if self.dtype != np.float64:
+            for c in _suspect(self._step_parts):
+                s, e = self._bounds[c]
+                with np.errstate(all="ignore"):
+                    wide = coef.numpy() @ (self._x[:, s:e].astype(np.float64) - rv[s:e])
+                self._step_parts[c] = np.dot(wide, wide)
+        step_norm = float(np.sqrt(self._step_parts.sum()))
+        return step_norm, self._distances_from_parts(nv), self._norm_from_parts(nv)
 
     def pairwise_sq_distances(self) -> Tensor:
         """(n, n) float64 matrix of ‖x_i − x_j‖² (see `sq_distances_from_gram`). Each chunk is centred on its own
@@ -205,12 +260,17 @@ class TorchRows:
         centred -= centred.mean(dim=0)
         return sq_distances_from_gram(centred @ centred.T)
 
-    def step(self, r: Tensor, coef: Tensor, r_next: Tensor) -> tuple[float, Tensor]:
+    def norm(self, v: Tensor) -> float:
+        """See `CpuRows.norm`."""
+        return float(torch.linalg.vector_norm(v, dtype=torch.float64))
+
+    def step(self, r: Tensor, coef: Tensor, r_next: Tensor) -> tuple[float, Tensor, float]:
         """See `CpuRows.step`."""
         torch.sub(self._x, r, out=self._diff)
         u = coef.to(self._x.dtype) @ self._diff
         torch.add(r, u, out=r_next)
-        return float(torch.linalg.vector_norm(u, dtype=torch.float64)), self.distances(r_next)
+        step_norm = float(torch.linalg.vector_norm(u, dtype=torch.float64))
+        return step_norm, self.distances(r_next), self.norm(r_next)
 
 
 def sq_distances_from_gram(gram: Tensor) -> Tensor:

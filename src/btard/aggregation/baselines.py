@@ -1,8 +1,10 @@
 """Baseline aggregation rules on an (n, d) tensor whose rows are in peer-id order; each returns a (d,) tensor.
 
 All rules read `x` without modifying it, return the input dtype (float32 or float64), and raise
-`NonFiniteInputError` naming the rows that hold NaN/Inf. Even-n median convention: the mean of the two middle
-values.
+`NonFiniteInputError` naming the rows that hold NaN/Inf. Finite inputs of any magnitude give a finite result:
+where arithmetic in x's dtype overflows (sums or differences of entries near the dtype's maximum), the rule is
+recomputed deterministically on a float64 copy of x (`widened`) and rounded back. Even-n median convention: the
+mean of the two middle values.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from btard.aggregation._checks import as_matrix, ensure_finite
+from btard.aggregation._checks import as_matrix, ensure_finite, narrowed, widened
 from btard.aggregation._rows import rows_engine
 from btard.aggregation._sortnet import median_ranks
 from btard.aggregation.centered_clip import median_of
@@ -32,7 +34,13 @@ def mean(x: Tensor) -> Tensor:
         # total proves finite inputs (an overflowing total only triggers the exact check).
         if not math.isfinite(float(out.sum(dtype=torch.float64))):
             ensure_finite(x)
+            wide, shift = widened(x)
+            out = narrowed(wide.mean(dim=0), shift, x.dtype)
     return out
+
+
+def _all_finite(v: Tensor) -> bool:
+    return math.isfinite(float(v.sum(dtype=torch.float64)))
 
 
 def coordinate_median(x: Tensor) -> Tensor:
@@ -45,6 +53,9 @@ def coordinate_median(x: Tensor) -> Tensor:
     with torch.no_grad():
         out, row_sums, _ = rows_engine(x).order_stats(*median_ranks(x.shape[0]))
         ensure_finite(x, ~torch.isfinite(row_sums))
+        if not _all_finite(out):
+            wide, shift = widened(x)
+            out = narrowed(rows_engine(wide).order_stats(*median_ranks(x.shape[0]))[0], shift, x.dtype)
     return out
 
 
@@ -63,6 +74,10 @@ def trimmed_mean(x: Tensor, f: int) -> Tensor:
     with torch.no_grad():
         out, row_sums, _ = rows_engine(x).order_stats(range(f, n - f), 1.0 / (n - 2 * f))
         ensure_finite(x, ~torch.isfinite(row_sums))
+        if not _all_finite(out):
+            wide, shift = widened(x)
+            out = rows_engine(wide).order_stats(range(f, n - f), 1.0 / (n - 2 * f))[0]
+            out = narrowed(out, shift, x.dtype)
     return out
 
 
@@ -71,7 +86,9 @@ def krum_scores(x: Tensor, f: int) -> Tensor:
     n = x.shape[0]
     k = n - f - 2
     sq = rows_engine(x).pairwise_sq_distances()
-    ensure_finite(x, ~torch.isfinite(sq).all(dim=1))
+    if not bool(torch.isfinite(sq).all()):
+        ensure_finite(x, ~torch.isfinite(sq).all(dim=1))
+        sq = rows_engine(widened(x)[0]).pairwise_sq_distances()  # same order, in range
     others = sq.masked_fill(torch.eye(n, dtype=torch.bool, device=x.device), math.inf)
     return torch.sort(others, dim=1).values[:, :k].sum(dim=1)
 
@@ -98,7 +115,11 @@ def krum(x: Tensor, f: int, m: int = 1) -> Tensor:
             return x[int(best[0])].clone()
         weights = torch.zeros(n, dtype=x.dtype, device=x.device)
         weights[best] = 1.0 / m
-        return weights @ x
+        out = weights @ x
+        if not _all_finite(out):
+            wide, shift = widened(x)
+            out = narrowed(weights.to(torch.float64) @ wide, shift, x.dtype)
+        return out
 
 
 @dataclass(frozen=True)
@@ -123,22 +144,39 @@ def weiszfeld(x: Tensor, eps: float = 1e-8, max_iter: int = 100, nu: float = 1e-
         raise ValueError(f"need eps >= 0 and nu > 0 (finite), got eps={eps!r}, nu={nu!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
         raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
-    iterations, converged = 0, False
     with torch.no_grad():
-        r = x.mean(dim=0)
-        engine = rows_engine(x)
-        dists = engine.distances(r)
+        res = _weiszfeld(x, eps, max_iter, nu, check_finite=True)
+        if res is None:
+            wide, shift = widened(x)
+            res = _weiszfeld(wide, eps, max_iter, nu * 2.0**-shift, check_finite=False)
+            if res is None:  # unreachable: widened inputs cannot overflow float64
+                raise ArithmeticError("Weiszfeld overflowed on a widened float64 copy of its input")
+            res = WeiszfeldResult(narrowed(res.value, shift, x.dtype), res.iterations, res.converged)
+    return res
+
+
+def _weiszfeld(
+    x: Tensor, eps: float, max_iter: int, nu: float, *, check_finite: bool
+) -> WeiszfeldResult | None:
+    """The iterations of `weiszfeld` in x's dtype; None if a norm or iterate overflowed on finite x."""
+    iterations, converged = 0, False
+    mean_r = x.mean(dim=0)
+    engine = rows_engine(x)
+    dists = engine.distances(mean_r)
+    if check_finite:
         ensure_finite(x, ~torch.isfinite(dists))
-        r_next = torch.empty_like(r)
-        while iterations < max_iter and not converged:
-            beta = 1.0 / dists.clamp(min=nu)
-            step, dists = engine.step(r, beta / beta.sum(), r_next)
-            r, r_next = r_next, r
-            iterations += 1
-            resolution = (
-                4 * torch.finfo(x.dtype).eps * float(torch.linalg.vector_norm(r, dtype=torch.float64))
-            )
-            converged = step <= eps * median_of(dists) + resolution
+    if not bool(torch.isfinite(dists).all()):
+        return None
+    r, r_next = mean_r, torch.empty_like(mean_r)
+    while iterations < max_iter and not converged:
+        beta = 1.0 / dists.clamp(min=nu)
+        step, dists, r_norm = engine.step(r, beta / beta.sum(), r_next)
+        if not (math.isfinite(step) and math.isfinite(r_norm) and bool(torch.isfinite(dists).all())):
+            return None
+        r, r_next = r_next, r
+        iterations += 1
+        resolution = 4 * torch.finfo(x.dtype).eps * r_norm
+        converged = step <= eps * median_of(dists) + resolution
     return WeiszfeldResult(value=r, iterations=iterations, converged=converged)
 
 
