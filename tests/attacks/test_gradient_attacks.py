@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import textwrap
 from dataclasses import replace
+from statistics import NormalDist
 
 import pytest
 import torch
@@ -265,6 +266,33 @@ def test_alie_z_values():
 def test_alie_z_undefined_or_invalid(n, b, variant):
     with pytest.raises(ValueError):
         alie_z(n, b, variant)
+
+
+@pytest.mark.parametrize(("n", "b"), [(13, 7), (16, 9), (16, 16), (4, 0), (1, 1), (2, 1), (3, 0), (16, 20)])
+@pytest.mark.parametrize("variant", ["standard", "honest"])
+def test_alie_z_clamped_is_finite_for_any_counts(n, b, variant):
+    z = alie_z(n, b, variant, clamp=True)
+    assert math.isfinite(z)
+    if 0 < b < n and 0 < math.floor(n / 2 + 1) - b < (n if variant == "standard" else n - b):
+        assert z == alie_z(n, b, variant)  # inside the formula's domain the clamp changes nothing
+
+
+def test_alie_z_clamp_extends_the_formula_monotonically():
+    # a Byzantine majority (s ≤ 0): half a peer's worth beyond μ − zσ, more extreme than s = 1
+    assert alie_z(16, 9, clamp=True) == pytest.approx(NormalDist().inv_cdf(31 / 32))
+    assert alie_z(16, 9, clamp=True) > alie_z(16, 8) > alie_z(16, 7)
+    assert alie_z(13, 7, clamp=True) == pytest.approx(NormalDist().inv_cdf(25 / 26))
+
+
+def test_alie_never_raises_on_the_steps_counts():
+    """Issue 11: the built-in ALIE raised ValueError (z undefined for n=13, b=7) when a step's contributors were
+    a Byzantine majority."""
+    hg = _honest(3)
+    for n, b in [(13, 7), (16, 9), (8, 8)]:
+        v = ALIE()(make_ctx(step=3, n=n, b=b, byzantine_ids=(), honest_gradients=hg))
+        assert bool(torch.isfinite(v).all())
+        v = ALIE(variant="honest")(make_ctx(step=3, n=n, b=b, byzantine_ids=(), honest_gradients=hg))
+        assert bool(torch.isfinite(v).all())
 
 
 def test_alie_all_attackers_send_the_same_vector():

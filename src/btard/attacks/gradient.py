@@ -218,24 +218,41 @@ class IPM(GradientAttack):
 ALIEVariant = Literal["standard", "honest"]
 
 
-def alie_z(n: int, b: int, variant: ALIEVariant = "standard") -> float:
+def alie_z(n: int, b: int, variant: ALIEVariant = "standard", *, clamp: bool = False) -> float:
     """The z of "A little is enough" (Baruch et al., 2019) from n peers of which b Byzantine.
 
     s = ⌊n/2 + 1⌋ − b (honest peers the attackers must win over), then
         standard: z = Φ⁻¹((n − s) / n)             (the paper; n=16, b=7 → z ≈ 1.150)
         honest:   z = Φ⁻¹((n − b − s) / (n − b))    (over the honest peers only, as in Karimireddy et al.'s
                                                      code; n=16, b=7 → z ≈ 0.765)
-    Raises ValueError when the quantile is undefined (the probability is not in (0, 1)).
+    The probability p = (m − s)/m (m = n or n − b) is outside (0, 1) when s ≤ 0 (the attackers are already a
+    majority: no honest peer needs winning over, p ≥ 1, z = +∞) or s ≥ m (p ≤ 0, z = −∞), and undefined
+    without attackers or honest peers. With clamp=False (the formula as published) these raise ValueError.
+    With clamp=True (what `ALIE` uses, since a step's contributor count is whatever the step has) p is
+    clamped into [1/(2m), 1 − 1/(2m)] — the quantiles at which half a peer's worth of the m values lies
+    beyond μ − zσ, the most extreme z the formula gives a meaning to at this m — with m ≥ 1 taken as n − b
+    clamped to at least 1 for the honest variant; n = 16, b = 9 then gives z = Φ⁻¹(31/32) ≈ 1.86. Any n ≥ 1,
+    b ≥ 0 then gives a finite z.
     """
-    if not 0 < b < n:
+    if variant not in ("standard", "honest"):
+        raise ValueError(f"unknown ALIE variant {variant!r}; expected 'standard' or 'honest'")
+    if clamp:
+        if (
+            isinstance(n, bool)
+            or not isinstance(n, int)
+            or n < 1
+            or isinstance(b, bool)
+            or not isinstance(b, int)
+        ):
+            raise ValueError(f"need integers n >= 1 and b, got n={n!r}, b={b!r}")
+        b = min(max(b, 0), n)
+    elif not 0 < b < n:
         raise ValueError(f"need 0 < b < n, got n={n}, b={b}")
     s = math.floor(n / 2 + 1) - b
-    if variant == "standard":
-        p = (n - s) / n
-    elif variant == "honest":
-        p = (n - b - s) / (n - b)
-    else:
-        raise ValueError(f"unknown ALIE variant {variant!r}; expected 'standard' or 'honest'")
+    m = n if variant == "standard" else max(n - b, 1)
+    p = (m - s) / m
+    if clamp:
+        p = min(max(p, 1 / (2 * m)), 1 - 1 / (2 * m)) if m > 1 else 0.5
     if not 0 < p < 1:
         raise ValueError(f"ALIE z undefined for n={n}, b={b} ({variant}: p={p}); pass z explicitly")
     return NormalDist().inv_cdf(p)
@@ -247,7 +264,9 @@ class ALIE(GradientAttack):
     and σ the coordinate-wise standard deviation of the honest gradients.
 
     Args:
-        z: fixed z; None → `alie_z` (ctx.n, ctx.b, variant) at each call.
+        z: fixed z; None → `alie_z(ctx.n, ctx.b, variant, clamp=True)` at each call: the formula's z, clamped
+            to a finite value when the step's counts leave it undefined (e.g. a Byzantine majority among the
+            step's contributors), so the attack never raises on a step's configuration.
         variant: "standard" or "honest" (see `alie_z`).
         unbiased: σ with Bessel's correction (divide by h − 1, needs h ≥ 2) if True; population std (divide by
             h, as ByzFL) if False (default).
@@ -267,7 +286,7 @@ class ALIE(GradientAttack):
 
     def z_for(self, n: int, b: int) -> float:
         """The z used with n peers of which b Byzantine."""
-        return self.z if self.z is not None else alie_z(n, b, self.variant)
+        return self.z if self.z is not None else alie_z(n, b, self.variant, clamp=True)
 
     def __call__(self, ctx: AttackContext) -> Tensor:
         hg = ctx.require_honest_gradients().to(torch.float64)
