@@ -150,8 +150,10 @@ def fixed_point_check(
     eps_rel: float,
     plausibility: float,
     trusted: np.ndarray | None = None,
+    ref_norm: float = 0.0,
 ) -> FixedPointCheck:
-    """Check |Σ_i min(1, τ/n_i) s_i^k| ≤ tol for every k, with τ recomputed from the norms when adaptive.
+    """Check |Σ_i min(1, τ/n_i) s_i^k| ≤ tol for every k, with τ recomputed from the norms when adaptive
+    (floored at `tau_floor(ref_norm)`, ‖ĝ[j]‖ of the published part, as `centered_clip` floors it).
 
     tol = c·(m·eps_rel·τ + FLOAT_SLACK·Σ_i w_i n_i): an honest aggregator stops with ‖R‖ ≤ m·eps_rel·τ (the
     stopping rule of `centered_clip`), and ⟨z, R⟩ is sub-Gaussian with variance ‖R‖² because z is drawn after R is
@@ -163,7 +165,7 @@ def fixed_point_check(
     norms = np.asarray(norms, dtype=np.float64)
     projs = np.asarray(projs, dtype=np.float64)
     m = len(norms)
-    t, w = clip_weights(torch.from_numpy(norms), tau, lam=lam)
+    t, w = clip_weights(torch.from_numpy(norms), tau, lam=lam, ref_norm=ref_norm)
     w = w.numpy()
     stat = float(np.abs(w @ projs).max()) if m else 0.0
     tol = plausibility * (m * eps_rel * t + FLOAT_SLACK * float(w @ norms)) + 1e-30
@@ -203,6 +205,7 @@ class CheckCache:
         eps_rel: float,
         plausibility: float,
         trusted: np.ndarray | None = None,
+        ref_norm: float = 0.0,
     ) -> FixedPointCheck:
         norms = np.asarray(norms, dtype=np.float64)
         projs = np.asarray(projs, dtype=np.float64)
@@ -218,11 +221,19 @@ class CheckCache:
             lam,
             eps_rel,
             plausibility,
+            ref_norm,
         )
         return self._get(
             key,
             lambda: fixed_point_check(
-                norms, projs, tau=tau, lam=lam, eps_rel=eps_rel, plausibility=plausibility, trusted=t
+                norms,
+                projs,
+                tau=tau,
+                lam=lam,
+                eps_rel=eps_rel,
+                plausibility=plausibility,
+                trusted=t,
+                ref_norm=ref_norm,
             ),
         )
 

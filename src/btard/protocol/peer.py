@@ -1140,6 +1140,7 @@ class BtardPeer:
                 and a.part == j
                 and a.about_step == self.step
                 and a.reason in (Reason.COMMIT_MISMATCH, Reason.NONFINITE, Reason.BAD_SHAPE)
+                and _about_grad_part(a, self.cfg.limits)
                 and self._resolve(s) == a.accused
             ):
                 bad.add(a.accused)
@@ -1465,6 +1466,7 @@ class BtardPeer:
                 )
 
         failed, missing, unapplied = [], [], []
+        nparts = len(self.bounds)
         published: dict[int, torch.Tensor] = {}
         applied: dict[int, torch.Tensor] = {}  # parts of ĝ that are applied (the others stay zero)
         for j in range(len(self.bounds)):
@@ -1488,7 +1490,7 @@ class BtardPeer:
                 )
                 continue
             projs = [self.slots.get((Kind.PROJ, p, 0)) for p in senders]
-            if not senders or any(pr is None for pr in projs):
+            if not senders or any(pr is None or self._shape_problem(pr.msg, nparts) for pr in projs):
                 # A part that cannot be checked is never applied (its silent reporters are excluded; shapes
                 # were checked at receipt, so every agreed PROJ has one row of K projections per part).
                 unapplied.append(j)
@@ -1509,6 +1511,7 @@ class BtardPeer:
                 eps_rel=self.cfg.eps_rel,
                 plausibility=self.cfg.plausibility,
                 trusted=trusted,
+                ref_norm=float(agg.double().norm()),  # the adaptive τ's floor, as the aggregator applied it
             )
             if res.ok and (
                 len(senders) < checks.SCALE_MIN_REPORTS
@@ -1620,6 +1623,14 @@ class BtardPeer:
         cands = {p for p in self._public_senders(Kind.JOIN) if p not in self.members and p not in self.banned}
         ranked = sorted(cands, key=lambda p: digest("join", self.r, p))
         return tuple(sorted(ranked[: self.cfg.max_joins_per_step]))
+
+
+def _about_grad_part(a: Accuse, limits: Limits) -> bool:
+    """Whether the accusation's last evidence item is a gradient part (not a malformed commit or report)."""
+    try:
+        return bool(a.evidence) and decode(a.evidence[-1], limits).msg.kind == Kind.GRAD_PART
+    except MalformedMessage:
+        return False
 
 
 def _mprng_commitment(peer: BtardPeer, sender: bytes, secret: bytes) -> bytes:
