@@ -1,0 +1,129 @@
+"""Issue 10: under an adversarial scheduler the honest peers always decide the same, and never ban each other.
+
+The fast slice runs seeded schedules of every strategy family of `btard.protocol.adversary` (the long run is
+`benchmarks/agreement_search.py`); the regression tests replay specific known-bad schedules, the first of them
+the issue's: one extra signed GRAD_PART shown to one honest non-aggregator shortly into the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from btard.protocol.adversary import (
+    STRATEGIES,
+    LatePart,
+    Outcome,
+    Schedule,
+    Tactic,
+    check_step,
+    run_schedule,
+    second_version,
+)
+from btard.protocol.messages import Join, Kind, Signed
+
+SEEDS_PER_STRATEGY = 25  # 8 families × 25 = 200 schedules of 2 steps (n = 5, b = 2)
+FAMILIES = [s for s in STRATEGIES if s != "honest"]
+
+
+def _report(failing: list[Outcome], total: int) -> str:
+    seeds = ", ".join(str(o.schedule.seed) for o in failing)
+    return (
+        f"{len(failing)} of {total} schedules violate the property (seeds {seeds}); the first:\n"
+        + failing[0].describe(max_actions=25)
+        + "\n(shrink it: python benchmarks/agreement_search.py --show STRATEGY:SEED)"
+    )
+
+
+@pytest.mark.parametrize("strategy", FAMILIES)
+def test_no_schedule_splits_the_honest_peers(strategy):
+    failing = []
+    for seed in range(SEEDS_PER_STRATEGY):
+        out = run_schedule(Schedule(seed=seed, strategy=strategy))
+        if out.failed:
+            failing.append(out)
+    assert not failing, _report(failing, SEEDS_PER_STRATEGY)
+
+
+def test_an_honest_schedule_is_clean_and_reproducible():
+    """The driver itself: Byzantine peers relayed faithfully give clean steps; one seed, one schedule."""
+    a = run_schedule(Schedule(seed=7, strategy="honest", steps=3))
+    assert a.failures == [] and a.steps_done == 3 and a.actions == []
+    b1 = run_schedule(Schedule(seed=11, strategy="mixed"))
+    b2 = run_schedule(Schedule(seed=11, strategy="mixed"))
+    assert b1.actions == b2.actions and b1.failures == b2.failures and b1.actions
+
+
+# ---------------------------------------------------------------------------------------------- regressions
+@pytest.mark.parametrize("delay", [0.1, 0.3, 1.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_issue10_one_late_grad_part_to_one_honest_non_aggregator(seed, delay):
+    """5 peers, 1 Byzantine member, T = 1: at step 1 it sends ONE extra signed GRAD_PART (same slot, other data)
+    to one honest peer that is not the part's aggregator, `delay`·T into the step. Nothing else misbehaves."""
+    sched = Schedule(seed=seed, strategy="late-part", n=5, byzantine=1, steps=3, phase_timeout=1.0)
+    out = run_schedule(sched, [LatePart(rate=1.0, steps=(1,), delay=delay, limit=1)])
+    assert len(out.actions) == 1, out.describe()
+    assert not out.failed, out.describe()
+
+
+class _ManyVersions(Tactic):
+    """The first Byzantine GRAD_COMMIT of step 0 gets two more versions: one to h0, one to h1, at once (the
+    original still goes to everyone). Each honest peer keeps at most two versions of a slot."""
+
+    name = "many-versions"
+
+    def begin_step(self) -> None:
+        self.fired = getattr(self, "fired", False)
+
+    def on_byz_send(self, src: bytes, dests: Sequence[bytes], s: Signed) -> None:
+        if self.fired or s.msg.kind != Kind.GRAD_COMMIT or s.msg.sender != src:
+            return
+        self.fired = True
+        rng = self.ctx.rng("many-versions")
+        h = self.ctx.live_honest()
+        v2 = self.ctx.sign(second_version(s.msg, rng))
+        v3 = self.ctx.sign(second_version(s.msg, rng))
+        self.ctx.deliver([h[0]], v2.raw, key="v2", what="second version of the GRAD_COMMIT")
+        self.ctx.deliver([h[1]], v3.raw, key="v3", what="third version of the GRAD_COMMIT")
+
+
+@pytest.mark.parametrize("seed", [0, 8])
+def test_three_versions_of_one_commit_shown_to_different_honest_peers(seed):
+    out = run_schedule(Schedule(seed=seed, strategy="equivocate", n=5, byzantine=2), [_ManyVersions()])
+    assert out.actions, out.describe()
+    assert not out.failed, out.describe()
+
+
+class _JoinBetweenSteps(Tactic):
+    """A JOIN from an outsider, delivered to an honest peer right after it closed step 0 (before the next
+    step begins): it must be buffered or dropped, never crash the peer."""
+
+    name = "join-between-steps"
+
+    def on_result(self, pid: bytes) -> None:
+        if self.ctx.step == 0 and not self.ctx.actions:
+            join = self.ctx.sign(Join(self.ctx.cfg.run_id, 0, self.ctx.outsider(0).peer_id))
+            self.ctx.deliver([pid], join.raw, key="join", what="JOIN right after the step closed")
+
+
+def test_a_join_between_steps_is_harmless():
+    out = run_schedule(
+        Schedule(seed=1, strategy="join-leave", n=5, byzantine=1, steps=2), [_JoinBetweenSteps()]
+    )
+    assert out.actions, out.describe()
+    assert not out.failed, out.describe()
+
+
+def test_honest_results_are_compared_bit_for_bit():
+    """The property checker itself: a one-ulp difference in the aggregate is a split."""
+    out = run_schedule(Schedule(seed=3, strategy="honest", steps=1))
+    results = dict(out.results[0])
+    assert not out.failures and not check_step(0, results, out.names)
+    pid, r = next(iter(results.items()))
+    bumped = r.aggregate.clone()
+    bumped[0] = torch.nextafter(bumped[0], torch.tensor(float("inf")))
+    results[pid] = dataclasses.replace(r, aggregate=bumped)
+    assert [f.kind for f in check_step(0, results, out.names)] == ["split"]
