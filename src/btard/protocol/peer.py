@@ -954,7 +954,7 @@ class BtardPeer:
             self._scatter_progress(now)
             return
         ag = self._ag
-        if ag is None:
+        if ag is None or ph not in BARRIER_KINDS:
             return
         self._pull_wanted(now)
         if ph == Phase.COMMIT:
@@ -1325,6 +1325,8 @@ class BtardPeer:
         """Who an accusation bans: the accused if the evidence proves it, otherwise the accuser; None when it
         is about a step that can no longer be checked (no verdict: an accusation carried too long is dropped)."""
         a: Accuse = s.msg
+        if a.sender == a.accused:
+            return None  # a self-accusation proves nothing either way (and must not read as proven)
         if a.reason == Reason.VALIDATION:
             if a.about_step != self.step - 1:
                 return None
