@@ -289,7 +289,9 @@ def test_identical_byzantine_majority_does_not_own_the_aggregate():
     dists = (x.double() - res.value.double()).norm(dim=1)
     t, w = clip_weights(dists, "adaptive", ref_norm=float(res.value.double().norm()))
     assert t == pytest.approx(res.tau, rel=1e-6)
-    assert float((w @ (x.double() - res.value.double())).norm()) <= 13 * 1e-4 * t * 1.01 + 1e-5 * float(w @ dists)
+    assert float((w @ (x.double() - res.value.double())).norm()) <= 13 * 1e-4 * t * 1.01 + 1e-5 * float(
+        w @ dists
+    )
 
 
 def test_floor_bias_is_bounded_with_an_honest_majority():

@@ -713,8 +713,11 @@ class BtardPeer:
         if vers:
             self._audit("msg", s)
             self._accuse(m.sender, Reason.EQUIVOCATION, getattr(m, "part", 0), (vers[0], s), self.step)
-            if not closed and len(vers) < MAX_VERSIONS:
-                vers.append(s)  # both versions go to the agreement: if both are agreed, the slot is void
+            listed = self._ag is not None and s.msg_digest in self._ag.listers
+            if not closed and (len(vers) < MAX_VERSIONS or listed):
+                # Versions go to the agreement (beyond two only those some member listed, so memory stays
+                # bounded by the round messages): if two are agreed, the slot is void everywhere.
+                vers.append(s)
                 self._feed(s)
             return
         if closed:
