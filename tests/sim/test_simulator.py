@@ -42,7 +42,7 @@ GRADIENT_ATTACKS = [
 
 @pytest.mark.parametrize("attack,params", GRADIENT_ATTACKS, ids=[a for a, _ in GRADIENT_ATTACKS])
 def test_btard_bans_gradient_attackers_and_no_honest_peer(attack, params):
-    s = sim(attack=attack, attack_params=params, validators=2, steps=40)
+    s = sim(attack=attack, attack_params=params, peers=9, validators=2, steps=40)
     s.run()
     summary = s.summary()
     assert summary["honest_banned"] == []
@@ -53,7 +53,7 @@ def test_btard_bans_gradient_attackers_and_no_honest_peer(attack, params):
 def test_no_defense_breaks_under_sign_flip_while_btard_trains():
     mean = sim(attack="sign-flip", aggregator="mean")
     mean.run()
-    btard = sim(attack="sign-flip", validators=2)
+    btard = sim(attack="sign-flip", peers=9, validators=2)
     btard.run()
     acc_mean = mean.summary()["final_accuracy"]
     acc_btard = btard.summary()["final_accuracy"]
@@ -82,7 +82,7 @@ def test_user_attack_from_a_file(tmp_path):
         "    def __call__(self, ctx):\n"
         "        return ctx.own_gradient * 50\n"
     )
-    s = sim(attack=f"{tmp_path / 'my_attack.py'}:Scale", validators=2, steps=30)
+    s = sim(attack=f"{tmp_path / 'my_attack.py'}:Scale", peers=9, validators=2, steps=30)
     s.run()
     assert s.summary()["byzantine_not_banned"] == [] and s.summary()["honest_banned"] == []
 
@@ -156,7 +156,7 @@ def test_other_tasks_run_through_the_protocol():
     lm = Simulator(
         SimConfig(
             task="tiny-lm",
-            peers=3,
+            peers=4,
             byzantine=1,
             attack="sign-flip",
             steps=2,
@@ -180,3 +180,158 @@ def test_other_tasks_run_through_the_protocol():
     )
     cifar.run()
     assert "not CIFAR-10" in cifar.task.data_source or "generated" in cifar.task.data_source.lower()
+
+
+# --- refused configurations, input validation and halts (issue 11) -----------------------------------------
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, list[str]]:
+    """`btard ARGV` in process: (exit status, non-empty stderr lines)."""
+    from btard.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "step/s" not in ln]
+    return code, err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--steps", "-5"],
+        ["--eval-every", "0"],
+        ["--threads", "0"],
+        ["--tau", "abc"],
+        ["--tau", "-1"],
+        ["--validators", "-1"],
+        ["--peers", "0"],
+        ["--byzantine", "2", "--peers", "4", "--attack", "sign-flip"],  # 2·2 ≥ 4 − 1
+        ["--byzantine", "7", "--validators", "3", "--attack", "sign-flip"],  # the old README experiment
+        ["--byzantine", "1", "--peers", "5"],  # no --attack
+        ["--attack-param", "oops", "--byzantine", "1", "--peers", "5", "--attack", "sign-flip"],
+    ],
+)
+def test_simulate_rejects_bad_input_with_one_line_and_status_2(args, capsys):
+    code, err = run_cli(["simulate", "--task", "digits", *args], capsys)
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("btard simulate: error:"), err
+
+
+def test_honest_majority_among_contributors_is_required():
+    from btard.sim.runner import honest_majority_error
+
+    assert honest_majority_error(16, 7, 3) is not None  # 7 of 13 contributors
+    assert honest_majority_error(16, 7, 2) is not None  # 7 of 14: a tie is no majority
+    assert honest_majority_error(16, 7, 1) is None  # 7 of 15
+    assert honest_majority_error(16, 6, 3) is None  # 6 of 13
+    with pytest.raises(ValueError, match="no honest majority"):
+        SimConfig(task="digits", peers=16, byzantine=7, validators=3, attack="sign-flip")
+    with pytest.raises(ValueError, match="no honest majority"):
+        SimConfig(task="digits", peers=8, byzantine=4, attack="sign-flip", aggregator="median")
+    SimConfig(task="digits", peers=16, byzantine=7, validators=1, attack="sign-flip")
+
+
+def test_experiment_configs_are_checked_at_load(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('task = "digits"\npeers = 16\nbyzantine = 7\nvalidators = 3\n')
+    with pytest.raises(ValueError, match="no honest majority"):
+        ExperimentConfig.load(bad)
+    code, err = run_cli(["experiment", str(bad), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and len(err) == 1 and "no honest majority" in err[0]
+    assert not (tmp_path / "out").exists()
+    code, err = run_cli(["experiment", str(tmp_path / "missing.toml")], capsys)
+    assert code == 2 and len(err) == 1
+
+
+def test_shipped_experiment_configs_are_safe():
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).resolve().parents[2].joinpath("experiments").glob("*.toml"))
+    assert configs
+    for path in configs:
+        cfg = ExperimentConfig.load(path)  # raises if refused
+        assert 2 * cfg.byzantine < cfg.peers - cfg.validators, path
+
+
+def test_no_honest_peer_left_halts_with_a_clear_error():
+    """Issue 11: with every honest peer gone the simulator raised `RuntimeError: stack expects a non-empty
+    TensorList` (or an IndexError)."""
+    from btard.sim.runner import SimulationHalted
+
+    for attack in ("sign-flip", "alie"):
+        s = sim(attack=attack, peers=5, byzantine=1, steps=4)
+        for p in s.ids[1:]:
+            s.harness.peers.pop(p)
+        with pytest.raises(SimulationHalted, match="no honest peer"):
+            s.run()
+
+
+def _nan_from(task, step_from: int):
+    calls = {"n": 0}
+    original = task.compute_gradients
+
+    def compute_gradients(params, seeds, **kw):
+        out = original(params, seeds, **kw)
+        calls["n"] += 1
+        if calls["n"] > step_from:
+            out = [torch.full_like(g, float("nan")) for g in out]
+        return out
+
+    task.compute_gradients = compute_gradients
+    return task
+
+
+def test_a_model_that_outputs_nan_halts_with_a_clear_error():
+    from btard.sim.runner import SimulationHalted
+
+    s = sim(attack="sign-flip", peers=5, byzantine=1, steps=6)
+    _nan_from(s.task, 2)
+    with pytest.raises(SimulationHalted, match="not finite"):
+        s.run()
+    assert len(s.metrics) == 2
+
+
+def test_a_baseline_keeps_running_on_nan_gradients():
+    s = sim(attack="sign-flip", peers=5, byzantine=1, steps=4, aggregator="mean")
+    _nan_from(s.task, 1)
+    s.run()
+    assert len(s.metrics) == 4
+
+
+def test_simulate_cli_reports_a_halt_in_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "nan_task.py").write_text(
+        "import torch\n"
+        "from btard.training import get_task\n"
+        "def factory(**kw):\n"
+        "    task = get_task('digits', **kw)\n"
+        "    original = task.compute_gradients\n"
+        "    def compute_gradients(params, seeds, **k):\n"
+        "        return [torch.full_like(g, float('nan')) for g in original(params, seeds, **k)]\n"
+        "    task.compute_gradients = compute_gradients\n"
+        "    return task\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, err = run_cli(["simulate", "--task", "nan_task:factory", "--peers", "4", "--steps", "3"], capsys)
+    assert code == 1
+    assert len(err) == 1 and err[0].startswith("btard simulate: error: run halted:"), err
+
+
+def test_experiment_grid_records_a_halted_run(tmp_path, monkeypatch):
+    import btard.sim.runner as runner
+
+    original = runner.Simulator.run
+
+    def halting_run(self, *a, **kw):
+        if self.cfg.attack:
+            raise runner.SimulationHalted("step 0: test halt")
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(runner.Simulator, "run", halting_run)
+    cfg = ExperimentConfig(
+        task="digits", peers=5, byzantine=1, steps=2, eval_every=2, attacks=[{"name": "sign-flip"}], jobs=1
+    )
+    res = run_experiment(cfg, tmp_path, log=lambda *_: None)
+    halted = [r for r in res["runs"] if r["halted"]]
+    assert len(halted) == 2 and "halted" in res["table"]

@@ -10,6 +10,7 @@ Config (TOML or JSON)::
     eval_every = 50
     seeds = [0]
     defenses = ["btard", "mean"]
+    validators = 1                # m per step; refused unless 2·byzantine < peers − m (see runner)
     jobs = 2                      # runs in parallel (one torch thread each)
     [[attacks]]                   # "none" is always added as the baseline row
     name = "sign-flip"
@@ -47,6 +48,54 @@ class ExperimentConfig:
     jobs: int = 2
     task_overrides: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError (one line) unless every run of the grid is a configuration `SimConfig` accepts (in
+        particular an honest majority among each step's aggregated contributors)."""
+
+        if not self.seeds or not self.defenses:
+            raise ValueError("need at least one seed and one defense")
+        if isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1:
+            raise ValueError(f"jobs must be an integer ≥ 1, got {self.jobs!r}")
+        for a in self.attacks:
+            if not isinstance(a, dict) or "name" not in a:
+                raise ValueError(f"each [[attacks]] entry needs a name, got {a!r}")
+        from btard.sim.runner import honest_majority_error
+
+        for defense in self.defenses:
+            why = honest_majority_error(
+                self.peers, self.byzantine, self.validators if defense == "btard" else 0
+            )
+            if why:
+                raise ValueError(f"refused: {why}")
+        for run in self.runs():
+            self._sim_config(run, out_dir=None)
+
+    def _sim_config(self, run: dict, out_dir: str | None):
+        from btard.sim.runner import SimConfig
+
+        attack = None if run["attack"] == "none" else run["attack"]
+        return SimConfig(
+            task=self.task,
+            task_overrides=self.task_overrides,
+            peers=self.peers,
+            byzantine=self.byzantine if attack else 0,
+            attack=attack,
+            attack_params=run["params"],
+            attack_start=self.attack_start,
+            aggregator=run["defense"],
+            tau=self.tau,
+            validators=self.validators,
+            steps=self.steps,
+            seed=run["seed"],
+            eval_every=self.eval_every,
+            eval_examples=self.eval_examples,
+            out_dir=out_dir,
+            progress=False,
+        )
+
     @classmethod
     def load(cls, path: str | Path) -> ExperimentConfig:
         text = Path(path).read_text()
@@ -73,30 +122,16 @@ def _run_one(args: tuple[ExperimentConfig, dict, str]) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from btard.sim.runner import SimConfig, Simulator
+    from btard.sim.runner import SimulationHalted, Simulator
 
-    attack = None if run["attack"] == "none" else run["attack"]
-    sim_cfg = SimConfig(
-        task=cfg.task,
-        task_overrides=cfg.task_overrides,
-        peers=cfg.peers,
-        byzantine=cfg.byzantine if attack else 0,
-        attack=attack,
-        attack_params=run["params"],
-        attack_start=cfg.attack_start,
-        aggregator=run["defense"],
-        tau=cfg.tau,
-        validators=cfg.validators,
-        steps=cfg.steps,
-        seed=run["seed"],
-        eval_every=cfg.eval_every,
-        eval_examples=cfg.eval_examples,
-        out_dir=out_dir,
-        progress=False,
-    )
-    sim = Simulator(sim_cfg)
-    metrics = sim.run()
+    sim = Simulator(cfg._sim_config(run, out_dir))
+    halted = None
+    try:
+        metrics = sim.run()
+    except SimulationHalted as e:  # recorded as a halted run; the rest of the grid goes on
+        halted, metrics = str(e), sim.metrics
     summary = sim.summary()
+    summary["halted"] = halted
     summary["curve"] = [(m.step + 1, m.test_accuracy) for m in metrics if m.test_accuracy is not None]
     summary["seed"] = run["seed"]
     summary["attack"] = run["attack"]
@@ -106,6 +141,7 @@ def _run_one(args: tuple[ExperimentConfig, dict, str]) -> dict:
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path, *, log=print) -> dict:
     """Run the grid; write results.json, results.md and figure.png under `out`. Returns the results."""
+    cfg.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = cfg.runs()
@@ -125,9 +161,10 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, log=print) -> dict
             results.append(res)
             log(
                 f"  {res['attack']:>18} / {res['defense']:<12} seed {res['seed']}: "
-                f"accuracy {res['final_accuracy']:.4f}, attackers banned {len(res['byzantine_banned'])}"
+                f"accuracy {_accuracy(res)}, attackers banned {len(res['byzantine_banned'])}"
                 f"/{res['byzantine']}, honest banned {len(res['honest_banned'])}, "
                 f"{res['mean_step_seconds']:.3f} s/step"
+                + (f" (halted: {res['halted']})" if res.get("halted") else "")
             )
     finally:
         if jobs > 1:
@@ -144,6 +181,13 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, log=print) -> dict
     return {"runs": results, "table": table}
 
 
+def _accuracy(run: dict) -> str:
+    """The final accuracy of a run for the log and the table, or "halted" for a run that could not finish."""
+    if run.get("halted") or run.get("final_accuracy") is None:
+        return "halted"
+    return f"{run['final_accuracy']:.4f}"
+
+
 def comparison_table(results: list[dict], cfg: ExperimentConfig) -> str:
     """Markdown: final accuracy per (attack, defense), BTARD's drop against its no-attack run, ban steps."""
     defenses = cfg.defenses
@@ -157,11 +201,11 @@ def comparison_table(results: list[dict], cfg: ExperimentConfig) -> str:
             accs = []
             for d in defenses:
                 r = by.get((a, d, s))
-                accs.append(f"{r['final_accuracy']:.4f}" if r else "—")
+                accs.append(_accuracy(r) if r else "—")
             bt, base = by.get((a, "btard", s)), by.get(("none", "btard", s))
             delta = (
                 f"{100 * (bt['final_accuracy'] - base['final_accuracy']):+.2f} pt"
-                if bt and base and a != "none"
+                if bt and base and a != "none" and not bt.get("halted") and not base.get("halted")
                 else "—"
             )
             if bt and a != "none":

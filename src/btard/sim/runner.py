@@ -13,6 +13,7 @@ import contextlib
 import gc
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,29 @@ from btard.transport.memory import MemoryNetwork
 
 BASELINES = ("mean", "median", "trimmed-mean", "krum", "geomedian", "cclip-server")
 AGGREGATORS = ("btard", *BASELINES)
+
+
+class SimulationHalted(RuntimeError):
+    """The run cannot continue (no honest peer left, or BTARD's parameters are no longer finite); the message is
+    one line for the user. The metrics of the steps done so far are kept in `Simulator.metrics`."""
+
+
+def honest_majority_error(peers: int, byzantine: int, validators: int) -> str | None:
+    """Why a configuration has no guaranteed honest majority among the peers whose gradients are aggregated,
+    or None if it has one.
+
+    Validators compute no gradient in their step, so with n peers of which b Byzantine and m validators per step
+    the aggregated contributors are n − m, of which up to b are Byzantine (every validator honest): the
+    majority holds in every step iff 2b < n − m (for a baseline rule, m = 0: 2b < n). The honest peers' m
+    validators are drawn one step ahead, so the attackers know which steps would give them a majority."""
+    contributors = peers - validators
+    if 2 * byzantine < contributors:
+        return None
+    return (
+        f"{byzantine} Byzantine of {peers} peers with {validators} validator(s) per step leaves no honest "
+        f"majority among the {contributors} aggregated contributors (need 2·byzantine < peers − validators, "
+        f"i.e. byzantine ≤ {max((contributors - 1) // 2, 0)})"
+    )
 
 
 @dataclass
@@ -59,14 +83,43 @@ class SimConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        """Raise ValueError (one-line message) for a configuration the simulator refuses."""
         if self.aggregator not in AGGREGATORS:
-            raise ValueError(f"unknown aggregator {self.aggregator!r}; choose from {AGGREGATORS}")
+            raise ValueError(f"unknown aggregator {self.aggregator!r}; choose from {', '.join(AGGREGATORS)}")
+        for name, minimum in (
+            ("peers", 1),
+            ("byzantine", 0),
+            ("validators", 0),
+            ("steps", 1),
+            ("eval_every", 1),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+        if self.attack_start < 0 or self.attack_every < 1:
+            raise ValueError("need attack_start ≥ 0 and attack_every ≥ 1")
+        if self.eval_examples is not None and self.eval_examples < 1:
+            raise ValueError(f"eval_examples must be ≥ 1 or None, got {self.eval_examples!r}")
         if not 0 <= self.byzantine < self.peers:
             raise ValueError("need 0 ≤ byzantine < peers")
         if self.byzantine and not self.attack:
             raise ValueError("Byzantine peers need an --attack")
         if isinstance(self.tau, str) and self.tau != "adaptive":
-            self.tau = float(self.tau)
+            try:
+                self.tau = float(self.tau)
+            except ValueError:
+                raise ValueError(f"tau must be a positive number or 'adaptive', got {self.tau!r}") from None
+        if not isinstance(self.tau, str) and not (
+            isinstance(self.tau, int | float) and 0 < self.tau < math.inf
+        ):
+            raise ValueError(f"tau must be a positive number or 'adaptive', got {self.tau!r}")
+        why = honest_majority_error(
+            self.peers, self.byzantine, self.validators if self.aggregator == "btard" else 0
+        )
+        if why:
+            raise ValueError(f"refused: {why}")
+        if self.aggregator == "krum" and self.peers - self.byzantine - 2 < 1:
+            raise ValueError("krum needs peers − byzantine − 2 ≥ 1")
 
 
 @contextlib.contextmanager
@@ -186,7 +239,9 @@ class Simulator:
         if not isinstance(attack, GradientAttack):
             return out, self.attack is not None and self.schedule.active(step, 0)
         byz = [p for p in contributors if p in self.byzantine]
-        honest = torch.stack([rows[p] for p in contributors if p not in self.byzantine])
+        honest = torch.stack(
+            [rows[p] for p in contributors if p not in self.byzantine]
+        )  # non-empty: see step
         active = False
         for p in byz:
             idx = self.byzantine.index(p)
@@ -233,6 +288,13 @@ class Simulator:
         honest_probe = next(p for p in info["contributors"] if p not in self.byzantine)
         loss = self._train_loss(step, honest_probe)
         self.params = self.opt.step(self.params, ghat, step)
+        if self.cfg.aggregator == "btard" and not bool(torch.isfinite(self.params).all()):
+            # The baselines may diverge under attack (that is what they are compared for); BTARD's aggregate
+            # is finite by construction, so non-finite parameters mean the training itself diverged.
+            raise SimulationHalted(
+                f"step {step}: the model's parameters are no longer finite (training diverged; "
+                "try a smaller learning rate)"
+            )
         m = StepMetrics(
             step=step,
             loss=loss,
@@ -252,11 +314,22 @@ class Simulator:
         h = self.harness
         assert h is not None
         contributors = [p for p, peer in h.peers.items() if not peer.is_validator]
+        if not any(p not in self.byzantine for p in contributors):
+            raise SimulationHalted(
+                f"step {step}: no honest peer is left to contribute a gradient "
+                f"({len(contributors)} contributor(s), all Byzantine); the run cannot continue"
+            )
         grads, attack_active = self._gradients(step, contributors)
+        if not all(bool(torch.isfinite(grads[p]).all()) for p in contributors if p not in self.byzantine):
+            raise SimulationHalted(
+                f"step {step}: honest gradients are not finite (the model outputs NaN/Inf: training diverged)"
+            )
         inputs = {p: (grads.get(p) if not h.peers[p].is_validator else None) for p in h.peers}
         params_hash = params_digest(self.params)
         results = h.run_step(inputs, params_hash)
         honest = [results[p] for p in h.peers if p not in self.byzantine and p in results]
+        if not honest:
+            raise SimulationHalted(f"step {step}: no honest peer finished the step; the run cannot continue")
         ref: StepResult = honest[0]
         for r in honest[1:]:
             if not torch.equal(r.aggregate, ref.aggregate) or r.r != ref.r or r.verdicts != ref.verdicts:
