@@ -12,7 +12,7 @@ interrupted, every DIR/*/summary.json with its config.json) and prints, per atta
 Modes:
   --from DIR        read an existing experiment directory (e.g. runs/mnist-grid)
   --config FILE     run that experiment config first (into --run-dir, default a temporary directory)
-  --quick           run a tiny grid (digits, 8 peers of which 3 Byzantine, 40 steps, attack from step 10;
+  --quick           run a tiny grid (digits, 9 peers of which 3 Byzantine, 40 steps, attack from step 10;
                     none / sign-flip / random-direction; btard and mean), ~30 s on 2 cores
 
 Writes markdown (stdout, and --md if given) and JSON (--out).
@@ -32,7 +32,7 @@ from pathlib import Path
 QUICK_TOML = """\
 # benchmarks/robustness.py --quick: a tiny grid that finishes in well under 90 s on 2 cores
 task = "digits"
-peers = 8
+peers = 9
 byzantine = 3
 steps = 40
 attack_start = 10

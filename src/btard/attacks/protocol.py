@@ -144,7 +144,9 @@ class CollusiveAggregator(ProtocolAttack):
             if (Kind.GRAD_PART, p, j) in peer.slots
         }
         dists = torch.stack([(v.double() - agg.double()).norm() for v in parts.values()])
-        tau, _ = checks.clip_weights(dists, peer.cfg.tau, lam=peer.cfg.lam)
+        tau, _ = checks.clip_weights(
+            dists, peer.cfg.tau, lam=peer.cfg.lam, ref_norm=float(agg.double().norm())
+        )
         n, b = len(parts), len(self.coalition.members & set(parts))
         bound = peer.cfg.plausibility * tau * b / max(n - b, 1)
         u = torch.ones_like(agg) / agg.numel() ** 0.5
@@ -187,7 +189,9 @@ def _collusive_projections(coalition: Coalition, peer: BtardPeer, norms: np.ndar
         vals = {p: checks.project(parts[p], agg, zs[j]) for p in senders}
         n = np.array([vals[p][0] for p in senders])
         # With each liar at distance τ-ish (weight 1), its s counts fully: solve for the cancelling total.
-        t, w = checks.clip_weights(torch.from_numpy(n), peer.cfg.tau, lam=peer.cfg.lam)
+        t, w = checks.clip_weights(
+            torch.from_numpy(n), peer.cfg.tau, lam=peer.cfg.lam, ref_norm=float(agg.double().norm())
+        )
         w = w.numpy()
         honest_sum = sum(w[i] * vals[p][1] for i, p in enumerate(senders) if p not in coalition.members)
         my_liars = [p for p in liars if p in senders]

@@ -114,8 +114,13 @@ def project(part: torch.Tensor, agg: torch.Tensor, z: torch.Tensor) -> tuple[flo
     """(‖part − agg‖, ⟨z_k, part − agg⟩ for every k), accumulated in float64.
 
     The difference is taken in float32 (IEEE elementwise, so every peer gets the same bits) and widened once:
-    its rounding, ≤ 2⁻²⁴ of each entry, is far below the check's FLOAT_SLACK."""
-    diff = (part - agg).to(torch.float64)
+    its rounding, ≤ 2⁻²⁴ of each entry, is far below the check's FLOAT_SLACK. Where it overflows (entries near
+    ±3.4e38 of opposite signs) it is taken in float64 instead, so a finite part never yields an infinite report."""
+    diff32 = part - agg
+    if bool(torch.isfinite(diff32).all()):
+        diff = diff32.to(torch.float64)
+    else:
+        diff = part.to(torch.float64) - agg.to(torch.float64)
     return float(diff.norm()), (z @ diff).numpy()
 
 

@@ -1142,7 +1142,8 @@ class BtardPeer:
                 a.sender == agg
                 and a.part == j
                 and a.about_step == self.step
-                and a.reason in (Reason.COMMIT_MISMATCH, Reason.NONFINITE, Reason.BAD_SHAPE)
+                and a.reason
+                in (Reason.COMMIT_MISMATCH, Reason.NONFINITE, Reason.BAD_SHAPE, Reason.EQUIVOCATION)
                 and _about_grad_part(a, self.cfg.limits)
                 and self._resolve(s) == a.accused
             ):
@@ -1482,8 +1483,11 @@ class BtardPeer:
                 continue
             published[j] = agg
             senders = list(self._declared(j))
-            allowed = set(self._expected_senders(j))
-            required = allowed - self._publicly_pulled(j)
+            # Any committed contributor's part may be included (a proven-bad one is clipped like any other and
+            # its reports are checked); every one not proven bad for part j by the aggregator and not asked for
+            # publicly must be: omissions are what an aggregator could use to pick its inputs.
+            allowed = {p for p in self.committed if not self.on_probation(p)}
+            required = set(self._expected_senders(j)) - self._publicly_pulled(j)
             if not set(senders) <= allowed or not required <= set(senders):
                 failed.append(j)
                 odd = sorted(short_id(p) for p in (set(senders) - allowed) | (required - set(senders)))
