@@ -1,28 +1,52 @@
 """One peer of BTARD-SGD as a sans-IO state machine.
 
 Inputs: `begin_step` (with the locally computed gradient), `receive` (bytes from the network) and `tick`
-(the time). Outputs: `events()` drains `Send` events (bytes for the caller to deliver) and `StepResult`
-decisions (ĝ, r^t, bans with evidence, exclusions, the next active set). It never touches sockets, threads
-or clocks. Gradients of other peers (for validation and for resolving a validator's accusation) come from a
-`GradientOracle` callback the caller provides.
+(the time). Outputs: `events()` drains `Event`s (`events.py`): `Send` (bytes for the caller to deliver),
+`PhaseEntered` and one `StepResult` per step. It never touches sockets, threads or clocks. Gradients of other
+peers (for validation and for resolving a validator's accusation) come from a `GradientOracle` callback.
+
+The package is split the way h11 splits a connection: the phase table (`state.py`), the per-phase agreement
+(`agreement.py`), proofs (`evidence.py`) and the step's decision (`decision.py`) are pure and tested apart; this
+module moves messages between them. It is one file because the message handlers share the step's slots, the
+running agreement and the outbox; what it decides, it decides through those pure functions.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from btard.aggregation import centered_clip
-from btard.crypto import Identity, bytes_digest, digest, short_id, tensor_digest
+from btard.crypto import Identity, digest, short_id, tensor_digest
 from btard.protocol import checks
 from btard.protocol.agreement import PhaseAgreement, default_rounds
+from btard.protocol.behaviour import Behaviour
+from btard.protocol.config import JOIN_WINDOW, ProtocolConfig
+from btard.protocol.decision import (
+    Agreed,
+    Prior,
+    StepFacts,
+    assign_aggregators,
+    choose_validators,
+    decide,
+    shared_random,
+)
 from btard.protocol.errors import LocalProtocolError, MalformedMessage
+from btard.protocol.events import BanReason, Event, PhaseEntered, Send, StepResult, Verdict
+from btard.protocol.evidence import (
+    PART_REASONS,
+    StepView,
+    about_grad_part,
+    mprng_digest,
+    proj_entry_ok,
+    resolve,
+    shape_problem,
+)
 from btard.protocol.messages import (
     MAX_PHASE_HINT_MS,
     Accuse,
@@ -34,7 +58,6 @@ from btard.protocol.messages import (
     GradPart,
     Kind,
     Leave,
-    Limits,
     Message,
     MprngCommit,
     MprngReveal,
@@ -63,108 +86,23 @@ REPULL_AFTER = 0.5
 # versions of one round message, accusations (an honest peer makes a few per misbehaving peer).
 MAX_VERSIONS = 2
 MAX_ACCUSATIONS_PER_SENDER = 64
-# A JOIN names the step its sender believes the run is at; older than this many steps, it is a replay.
-JOIN_WINDOW = 8
-# The phase timeout of step t+1 is max(the configured T, TIMEOUT_FACTOR × the median of the members' slowest
-# phase in step t, as reported in their MPRNG commits), and at most TIMEOUT_GROWTH × the current one.
-TIMEOUT_FACTOR = 4.0
-TIMEOUT_GROWTH = 2.0
+__all__ = [  # what the package's users import from here
+    "GENESIS",
+    "BanReason",
+    "Behaviour",
+    "BtardPeer",
+    "Event",
+    "GradientOracle",
+    "PhaseEntered",
+    "ProtocolConfig",
+    "Send",
+    "StepResult",
+    "Verdict",
+    "choose_validators",
+]
 
 GradientOracle = Callable[[int, bytes], torch.Tensor]
 """(step, peer id) -> the gradient that peer must have computed at that step (from public data)."""
-
-
-@dataclass(frozen=True)
-class ProtocolConfig:
-    """Parameters every peer of a run must share (they define what an honest peer does)."""
-
-    run_id: bytes
-    dim: int
-    tau: float | str = "adaptive"
-    lam: float = 1.0  # λ ≤ 1 keeps the adaptive τ's bias bounded whatever the attack size (aggregation docs)
-    eps_rel: float = 1e-4
-    max_iter: int = 1000
-    num_projections: int = 4
-    plausibility: float = 8.0
-    validators: int = 1
-    validation_rtol: float = 1e-4
-    validation_mode: str = "tolerance"  # or "exact": compare hashes (homogeneous, bit-exact swarms)
-    phase_timeout: float = 2.0  # T: the floor of the per-step timeout derived from measured phase times
-    limits: Limits = field(default_factory=Limits)
-    # Joining: at most this many new peers admitted per step (0 closes the run), each observing its first
-    # step as a member, then contributing on probation (validated, not aggregated) for `probation_steps` steps.
-    max_joins_per_step: int = 2
-    probation_steps: int = 2
-    # The number of Byzantine members the agreement tolerates (rounds R = f + 1 per barrier phase); None: an
-    # honest majority, ⌊(n − 1)/2⌋. Agreement is proven only while at most this many members are Byzantine.
-    max_faulty: int | None = None
-
-    def __post_init__(self) -> None:
-        if len(self.run_id) != 16:
-            raise LocalProtocolError("run_id must be 16 bytes")
-        if self.validation_mode not in ("tolerance", "exact"):
-            raise LocalProtocolError("validation_mode is 'tolerance' or 'exact'")
-        if self.max_joins_per_step < 0 or self.probation_steps < 0:
-            raise LocalProtocolError("max_joins_per_step and probation_steps must be ≥ 0")
-        if self.max_faulty is not None and self.max_faulty < 0:
-            raise LocalProtocolError("max_faulty must be ≥ 0")
-
-
-@dataclass(frozen=True)
-class Send:
-    """Deliver `raw` to each peer in `dests`."""
-
-    dests: tuple[bytes, ...]
-    raw: bytes
-
-
-@dataclass(frozen=True)
-class PhaseEntered:
-    """The peer entered `phase` of `step`. Emitted in order with the `Send` events, before the messages of
-    that phase, so a driver can observe (or, for fault injection, crash at) every phase even when several
-    are passed in one call."""
-
-    step: int
-    phase: Phase
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """A ban decided from public evidence; identical at every honest peer."""
-
-    step: int
-    banned: bytes
-    reason: str
-    accuser: bytes | None
-    evidence: tuple[bytes, ...] = ()  # digests of the signed messages that justify it
-
-    def describe(self) -> str:
-        by = f" (accused by {short_id(self.accuser)})" if self.accuser else ""
-        return f"step {self.step}: banned {short_id(self.banned)}: {self.reason}{by}"
-
-
-@dataclass(frozen=True)
-class StepResult:
-    step: int
-    aggregate: torch.Tensor
-    r: bytes
-    verdicts: tuple[Verdict, ...]
-    excluded: tuple[bytes, ...]
-    members: tuple[bytes, ...]
-    next_members: tuple[bytes, ...]
-    next_validators: dict[bytes, bytes]
-    failed_parts: tuple[int, ...]
-    missing_parts: tuple[int, ...]
-    unapplied_parts: tuple[int, ...]  # passed the fixed-point check but failed the scale check: not applied
-    clip_iterations: int
-    clipped: int
-    rejected_messages: int
-    joined: tuple[bytes, ...] = ()  # admitted this step: members of the next step, observers in it
-    left: tuple[bytes, ...] = ()  # left gracefully after this step (a LEAVE covered by the ACCUSE digest)
-    next_phase_timeout: float = 0.0  # T of the next step, derived from the members' reported phase times
-    probation: dict[bytes, int] = field(default_factory=dict)  # peer -> last step of its probation
-    partitioned: bool = False  # this peer kept at most half of the members: it is the one cut off, stop
-    agreed: tuple[bytes, ...] = ()  # digests of the step's agreed items (sorted): what the decisions used
 
 
 @dataclass
@@ -177,64 +115,6 @@ class _StepRecord:
     published: dict[int, torch.Tensor]  # the aggregate parts everyone projected against (valid ones only)
     commits: dict[bytes, Signed]
     projs: dict[bytes, Signed]
-
-
-@dataclass(frozen=True)
-class _StepView:
-    """One step as accusations about it are checked: its parts, commits, aggregated parts and projections."""
-
-    step: int
-    bounds: list[tuple[int, int]]
-    commits: dict[bytes, Signed]
-    agg_part: Callable[[int], torch.Tensor | None]
-    z: Callable[[int], torch.Tensor]
-
-
-class Behaviour:
-    """Honest behaviour. Protocol attacks subclass it and override hooks (see btard.attacks.protocol).
-
-    Each hook receives the peer and returns what an honest peer would send; an attack returns something else.
-    """
-
-    def gradient(self, peer: BtardPeer, g: torch.Tensor) -> torch.Tensor:
-        return g
-
-    def commit_hashes(self, peer: BtardPeer, hashes: list[bytes]) -> list[bytes]:
-        return hashes
-
-    def grad_part(self, peer: BtardPeer, j: int, dest: bytes, part: torch.Tensor) -> torch.Tensor | None:
-        return part
-
-    def aggregate(self, peer: BtardPeer, j: int, dest: bytes, agg: torch.Tensor) -> torch.Tensor:
-        return agg
-
-    def agg_commit_value(self, peer: BtardPeer, j: int, agg: torch.Tensor) -> torch.Tensor:
-        return agg
-
-    def projections(
-        self, peer: BtardPeer, norms: np.ndarray, projs: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        return norms, projs
-
-    def mprng_reveal(self, peer: BtardPeer, secret: bytes) -> bytes | None:
-        return secret
-
-    def extra_messages(
-        self, peer: BtardPeer, phase: Phase
-    ) -> list[tuple[Message | bytes, tuple[bytes, ...]]]:
-        """Additional messages to send when entering `phase` (signed by the peer unless given as bytes)."""
-        return []
-
-    def answers_pulls(self, peer: BtardPeer) -> bool:
-        return True
-
-    def should_accuse(self, peer: BtardPeer, accused: bytes, reason: Reason) -> bool:
-        """Whether to publish an accusation the honest protocol calls for (colluders cover each other)."""
-        return True
-
-    def accept(self, peer: BtardPeer, s: Signed) -> bool:
-        """Whether to process an incoming valid message (an attack may pretend it never arrived)."""
-        return True
 
 
 class BtardPeer:
@@ -378,6 +258,16 @@ class BtardPeer:
                 "validators and observers pass gradient=None, contributors pass their gradient"
             )
         self._reset_step_state()
+        self._prior = Prior(
+            self.step,
+            self.members,
+            dict(self.validators),
+            self.observers,
+            dict(self.probation),
+            frozenset(self.banned),
+            self.r_prev,
+            self.phase_timeout,
+        )
         self.rounds = default_rounds(len(self.members), self.cfg.max_faulty)
         self._t0 = now
         self.params_hash = params_hash
@@ -692,7 +582,7 @@ class BtardPeer:
         if not self._role_ok(m):
             self._reject(f"{m.kind.name} from {short_id(m.sender)} does not fit its role")
             return
-        problem = self._shape_problem(m, len(self.bounds))
+        problem = shape_problem(m, len(self.bounds), self.cfg.num_projections)
         if problem is not None:  # signed and malformed for this step: evidence against its sender
             self._reject(f"{m.kind.name} from {short_id(m.sender)}: {problem}")
             self._audit("msg", s)
@@ -738,18 +628,6 @@ class BtardPeer:
             for j in range(len(self.bounds)):
                 if self.aggregators.get(j) == self.id and (Kind.GRAD_PART, m.sender, j) in self.slots:
                     self._verify_part(self.slots[(Kind.GRAD_PART, m.sender, j)])
-
-    def _shape_problem(self, m: Message, nparts: int) -> str | None:
-        """What makes a commit or report unfit for a step with `nparts` parts (None: it fits). Parts are
-        checked against their commits by their aggregator (`_verify_part`, `_check_agg_pair`)."""
-        if m.kind == Kind.GRAD_COMMIT and len(m.part_hashes) != nparts:
-            return f"{len(m.part_hashes)} part hashes for {nparts} parts"
-        if m.kind == Kind.PROJ:
-            if m.norms.shape[0] != nparts:
-                return f"{m.norms.shape[0]} rows for {nparts} parts"
-            if m.num_projections != self.cfg.num_projections:
-                return f"{m.num_projections} projections per part, expected {self.cfg.num_projections}"
-        return None
 
     def _my_public_pulls(self) -> set[tuple[bytes, int]]:
         return {
@@ -913,7 +791,7 @@ class BtardPeer:
         if (
             c is not None
             and r is not None
-            and _mprng_commitment(self, sender, r.msg.secret) != c.msg.commitment
+            and mprng_digest(self.cfg.run_id, self.step, sender, r.msg.secret) != c.msg.commitment
         ):
             self._accuse(sender, Reason.MPRNG_MISMATCH, 0, (c, r), self.step)
 
@@ -1024,7 +902,7 @@ class BtardPeer:
                     self.cfg.run_id,
                     self.step,
                     self.id,
-                    _mprng_commitment(self, self.id, self._secret),
+                    mprng_digest(self.cfg.run_id, self.step, self.id, self._secret),
                     self._phase_hint_ms,
                 )
             )
@@ -1045,20 +923,7 @@ class BtardPeer:
             self._finish()
 
     def _assign_aggregators(self) -> None:
-        present = [p for p in self.order if p in self.committed]
-        self.aggregators = {}
-        if not present:
-            return
-        for j, primary in enumerate(self.order):
-            if primary in self.committed:
-                self.aggregators[j] = primary
-            else:  # the next committed peer in the part order takes over a silent aggregator's part
-                k = self.order.index(primary)
-                for step_ in range(1, len(self.order) + 1):
-                    cand = self.order[(k + step_) % len(self.order)]
-                    if cand in self.committed:
-                        self.aggregators[j] = cand
-                        break
+        self.aggregators = assign_aggregators(self.order, self.committed)
 
     def _send_parts(self) -> None:
         if self.gradient is None or self.id not in self.committed or self.on_probation(self.id):
@@ -1133,22 +998,18 @@ class BtardPeer:
         )
 
     def _proven_bad_part(self, j: int) -> set[bytes]:
-        """Senders that part j's aggregator accused (with valid evidence) about part j of this step."""
+        """Senders that part j's aggregator proved bad for part j of this step (a bad signed part)."""
         agg = self.aggregators.get(j)
-        bad = set()
-        for s in self.accusations.values():
-            a: Accuse = s.msg
-            if (
-                a.sender == agg
-                and a.part == j
-                and a.about_step == self.step
-                and a.reason
-                in (Reason.COMMIT_MISMATCH, Reason.NONFINITE, Reason.BAD_SHAPE, Reason.EQUIVOCATION)
-                and _about_grad_part(a, self.cfg.limits)
-                and self._resolve(s) == a.accused
-            ):
-                bad.add(a.accused)
-        return bad
+        return {
+            s.msg.accused
+            for s in self.accusations.values()
+            if s.msg.sender == agg
+            and s.msg.part == j
+            and s.msg.about_step == self.step
+            and s.msg.reason in PART_REASONS
+            and about_grad_part(s.msg, self.cfg.limits)
+            and self._resolve(s) == s.msg.accused
+        }
 
     def _aggregate(self, j: int) -> None:
         self._my_parts_done.add(j)
@@ -1194,13 +1055,7 @@ class BtardPeer:
 
     # ------------------------------------------------------------------ MPRNG and projections
     def _shared_random(self) -> bytes:
-        reveals = []
-        for p in self.members:
-            c = self.slots.get((Kind.MPRNG_COMMIT, p, 0))
-            r = self.slots.get((Kind.MPRNG_REVEAL, p, 0))
-            if c and r and _mprng_commitment(self, p, r.msg.secret) == c.msg.commitment:
-                reveals.append(p + r.msg.secret)
-        return digest("mprng-r", self.cfg.run_id, self.step, self.r_prev, b"".join(reveals))
+        return shared_random(self.cfg, self._prior, self.slots)
 
     def _aggregate_part(self, j: int) -> torch.Tensor | None:
         """ĝ[j] as received, if its commit and part match, it has the right length and is finite (cached)."""
@@ -1249,26 +1104,9 @@ class BtardPeer:
                 proj = self.slots.get((Kind.PROJ, p, 0))
                 if part is None or proj is None or p == self.id:
                     continue
-                if not self._proj_entry_ok(proj.msg, j, part.msg, agg, zs[j]):
+                if not proj_entry_ok(self.cfg, proj.msg, j, part.msg, agg, zs[j], len(self.bounds)):
                     self._accuse(p, Reason.WRONG_PROJECTION, j, (part, proj), self.step)
 
-    def _proj_entry_ok(
-        self,
-        proj: Proj,
-        j: int,
-        part: GradPart,
-        agg: torch.Tensor,
-        z: torch.Tensor,
-        nparts: int | None = None,
-    ) -> bool:
-        nparts = len(self.bounds) if nparts is None else nparts
-        if proj.norms.shape[0] != nparts or proj.num_projections != self.cfg.num_projections:
-            return False
-        return checks.projection_report_matches(
-            (float(proj.norms[j]), proj.projections[j]), checks.project(part.tensor(), agg, z)
-        )
-
-    # ------------------------------------------------------------------ validation
     def _validate(self, target: bytes) -> None:
         """As validator of step t: recompute the target's step t−1 gradient and accuse it on a mismatch."""
         rec = self._records.get(self.step - 1)
@@ -1303,21 +1141,14 @@ class BtardPeer:
         return dev <= checks.validation_tolerance(float(g.norm()), self.cfg.validation_rtol)
 
     # ------------------------------------------------------------------ verdicts
-    def _view(self, step: int) -> _StepView | None:
-        """What evidence about `step` is checked against: this step's state, or the last step's record."""
-        if step == self.step:
-            return _StepView(
-                self.step,
-                self.bounds,
-                {p: x for (k, p, _), x in self.slots.items() if k == Kind.GRAD_COMMIT},
-                self._aggregate_part,
-                lambda j: self._zs()[j],
-            )
+
+    # ------------------------------------------------------------------ evidence and the decision
+    def _record_view(self, step: int) -> StepView | None:
         rec = self._records.get(step)
-        if rec is None or step != self.step - 1:
+        if rec is None:
             return None
         k = self.cfg.num_projections
-        return _StepView(
+        return StepView(
             rec.step,
             rec.bounds,
             rec.commits,
@@ -1325,373 +1156,94 @@ class BtardPeer:
             lambda j: self._zcache.get(rec.r, j, rec.bounds[j][1] - rec.bounds[j][0], k),
         )
 
-    def _resolve(self, s: Signed) -> bytes | None:
-        """Who an accusation bans: the accused if the evidence proves it, otherwise the accuser; None when it
-        is about a step that can no longer be checked (no verdict: an accusation carried too long is dropped)."""
-        a: Accuse = s.msg
-        if a.sender == a.accused:
-            return None  # a self-accusation proves nothing either way (and must not read as proven)
-        if a.reason == Reason.VALIDATION:
-            if a.about_step != self.step - 1:
-                return None
-        elif a.about_step not in (self.step, self.step - 1) or self._view(a.about_step) is None:
-            return None
-        try:
-            ev = [decode(raw, self.cfg.limits) for raw in a.evidence]
-        except MalformedMessage:
-            return a.sender
-        if any(e.msg.sender != a.accused or e.msg.run_id != self.cfg.run_id for e in ev):
-            return a.sender
-        proven = self._evidence_proves(a, ev)
-        return a.accused if proven else a.sender
-
-    def _evidence_proves(self, a: Accuse, ev: list[Signed]) -> bool:
-        r = a.reason
-        if r == Reason.VALIDATION:
-            rec = self._records.get(a.about_step)
-            if rec is None or a.about_step != self.step - 1 or not ev or ev[0].msg.kind != Kind.GRAD_COMMIT:
-                return False
-            if rec.commits.get(a.accused) is None or rec.commits[a.accused].msg_digest != ev[0].msg_digest:
-                return False
-            if self.oracle is None:
-                raise LocalProtocolError("resolving a validator's accusation needs a gradient oracle")
-            return not self._validation_passes(rec, a.accused)
-        v = self._view(a.about_step)
-        if v is None or any(e.msg.step != v.step for e in ev):
-            return False
-        nparts = len(v.bounds)
-
-        def part_len(j: int) -> int:
-            return v.bounds[j][1] - v.bounds[j][0]
-
-        if r == Reason.EQUIVOCATION and len(ev) == 2:
-            m1, m2 = ev[0].msg, ev[1].msg
-            if m1.kind == m2.kind and m1.slot() == m2.slot() and m1.kind in CONTENT_KINDS:
-                return ev[0].msg_digest != ev[1].msg_digest
-            if {m1.kind, m2.kind} == {Kind.AGG_COMMIT, Kind.AGG_PART} and m1.part == m2.part:
-                c, p = (m1, m2) if m1.kind == Kind.AGG_COMMIT else (m2, m1)
-                return (
-                    bytes_digest("agg-part", self.cfg.run_id, v.step, p.sender, p.part, p.data) != c.agg_hash
-                )
-            return False
-        if r == Reason.COMMIT_MISMATCH and len(ev) == 2:
-            c, p = ev[0].msg, ev[1].msg
-            if c.kind != Kind.GRAD_COMMIT or p.kind != Kind.GRAD_PART or p.part != a.part:
-                return False
-            if len(c.part_hashes) != nparts:
-                return True
-            if not 0 <= p.part < nparts:
-                return False
-            return (
-                bytes_digest("grad-part", self.cfg.run_id, v.step, p.sender, p.part, p.data)
-                != c.part_hashes[p.part]
+    def _view(self, step: int) -> StepView | None:
+        """What evidence about `step` is checked against: this step's state, or the last step's record."""
+        if step == self.step:
+            return StepView(
+                self.step,
+                self.bounds,
+                {p: x for (k, p, _), x in self.slots.items() if k == Kind.GRAD_COMMIT},
+                self._aggregate_part,
+                lambda j: self._zs()[j],
             )
-        if r == Reason.BAD_SHAPE and len(ev) == 1 and ev[0].msg.kind in (Kind.GRAD_COMMIT, Kind.PROJ):
-            return self._shape_problem(ev[0].msg, nparts) is not None
-        if r in (Reason.NONFINITE, Reason.BAD_SHAPE) and len(ev) == 1:
-            p = ev[0].msg
-            if p.kind not in (Kind.GRAD_PART, Kind.AGG_PART) or not 0 <= p.part < nparts:
-                return False
-            if r == Reason.BAD_SHAPE:
-                return len(p.data) // 4 != part_len(p.part)
-            return not np.isfinite(np.frombuffer(p.data, dtype="<f4")).all()
-        if r == Reason.MPRNG_MISMATCH and len(ev) == 2:
-            c, rv = ev[0].msg, ev[1].msg
-            if c.kind != Kind.MPRNG_COMMIT or rv.kind != Kind.MPRNG_REVEAL:
-                return False
-            return _mprng_digest(self.cfg.run_id, v.step, a.accused, rv.secret) != c.commitment
-        if r == Reason.WRONG_PROJECTION and len(ev) == 2:
-            p, pr = ev[0].msg, ev[1].msg
-            if p.kind != Kind.GRAD_PART or pr.kind != Kind.PROJ or p.part != a.part:
-                return False
-            if not 0 <= p.part < nparts or len(p.data) // 4 != part_len(p.part):
-                return False
-            commit = v.commits.get(a.accused)
-            if commit is None or commit.msg.part_hashes[p.part : p.part + 1] != (
-                bytes_digest("grad-part", self.cfg.run_id, v.step, p.sender, p.part, p.data),
-            ):
-                return False  # the part must be the committed one
-            agg = v.agg_part(p.part)
-            if agg is None:
-                return False
-            return not self._proj_entry_ok(pr, p.part, p, agg, v.z(p.part), nparts)
-        return False
+        return self._record_view(step) if step == self.step - 1 else None
 
-    def _void_parts(self) -> set[int]:
-        """Parts whose aggregator is proven (equivocation, bad shape, non-finite) to have published a bad
-        aggregate: every honest peer treats them as missing, whatever copy it happened to receive."""
-        void = set()
-        for s in self.accusations.values():
-            a: Accuse = s.msg
-            if a.reason not in (Reason.EQUIVOCATION, Reason.BAD_SHAPE, Reason.NONFINITE):
-                continue
-            if self.aggregators.get(a.part) != a.accused:
-                continue
-            try:
-                kinds = {decode(raw, self.cfg.limits).msg.kind for raw in a.evidence}
-            except MalformedMessage:
-                continue
-            if kinds <= {Kind.AGG_COMMIT, Kind.AGG_PART} and self._resolve(s) == a.accused:
-                void.add(a.part)
-        return void
+    def _validation(self, a: Accuse, ev: list[Signed]) -> bool | None:
+        """Decide a validator's accusation about the previous step by recomputing the target's gradient."""
+        rec = self._records.get(a.about_step)
+        if rec is None or not ev or ev[0].msg.kind != Kind.GRAD_COMMIT:
+            return False
+        if rec.commits.get(a.accused) is None or rec.commits[a.accused].msg_digest != ev[0].msg_digest:
+            return False
+        if self.oracle is None:
+            raise LocalProtocolError("resolving a validator's accusation needs a gradient oracle")
+        return not self._validation_passes(rec, a.accused)
+
+    def _resolve(self, s: Signed) -> bytes | None:
+        """Who an accusation bans (see `evidence.resolve`), judged on this peer's view of the step."""
+        return resolve(self.cfg, s, self.step, self._view, self._validation)
+
+    def _agreed_items(self) -> Agreed:
+        slots = {k: v for k, v in self.slots.items() if k[0] in KIND_PHASE}
+        return Agreed(slots, dict(self._equivocated), dict(self.accusations), dict(self.public))
 
     def _finish(self) -> None:
-        verdicts: dict[bytes, Verdict] = {}
-
-        def ban(who: bytes, reason: str, accuser: bytes | None, evidence: tuple[bytes, ...]) -> None:
-            if who not in verdicts and who in self.members:
-                verdicts[who] = Verdict(self.step, who, reason, accuser, evidence)
-
-        corrected: dict[tuple[int, bytes], tuple[float, np.ndarray]] = {}
-        # Two agreed versions of one slot: the agreed items themselves prove equivocation.
-        for slot, (v1, v2) in sorted(self._equivocated.items(), key=lambda kv: kv[1][0].msg_digest):
-            ban(slot[1], "equivocation", None, (v1.msg_digest, v2.msg_digest))
-        void = self._void_parts()
-        for d in sorted(self.accusations):
-            s = self.accusations[d]
-            a: Accuse = s.msg
-            if a.reason == Reason.WRONG_PROJECTION and a.part in void:
-                continue  # projections against an equivocated aggregate mean nothing: no verdict
-            who = self._resolve(s)
-            if who is None:
-                continue  # about a step whose records are gone: no verdict either way
-            if who == a.accused and a.about_step != self.step and a.reason != Reason.VALIDATION:
-                ban(who, a.reason.name.lower().replace("_", "-"), a.sender, (d,))  # carried from step t − 1
-            elif who == a.accused:
-                ban(who, a.reason.name.lower().replace("_", "-"), a.sender, (d,))
-                if a.reason == Reason.WRONG_PROJECTION:
-                    part = decode(a.evidence[0], self.cfg.limits).msg
-                    agg = self._aggregate_part(a.part)
-                    corrected[(a.part, a.accused)] = checks.project(part.tensor(), agg, self._zs()[a.part])
-            else:
-                ban(
-                    who,
-                    f"false accusation ({a.reason.name.lower()}) against {short_id(a.accused)}",
-                    None,
-                    (d,),
-                )
-
-        failed, missing, unapplied = [], [], []
-        nparts = len(self.bounds)
-        published: dict[int, torch.Tensor] = {}
-        applied: dict[int, torch.Tensor] = {}  # parts of ĝ that are applied (the others stay zero)
-        for j in range(len(self.bounds)):
-            aggregator = self.aggregators.get(j)
-            agg = None if j in void else self._aggregate_part(j)
-            if agg is None:
-                missing.append(j)
-                continue
-            published[j] = agg
-            senders = list(self._declared(j))
-            # Any committed contributor's part may be included (a proven-bad one is clipped like any other and
-            # its reports are checked); every one not proven bad for part j by the aggregator and not asked for
-            # publicly must be: omissions are what an aggregator could use to pick its inputs.
-            allowed = {p for p in self.committed if not self.on_probation(p)}
-            required = set(self._expected_senders(j)) - self._publicly_pulled(j)
-            if not set(senders) <= allowed or not required <= set(senders):
-                failed.append(j)
-                odd = sorted(short_id(p) for p in (set(senders) - allowed) | (required - set(senders)))
-                ban(
-                    aggregator,
-                    f"aggregate of part {j} declares the wrong inputs ({', '.join(odd)})",
-                    None,
-                    (),
-                )
-                continue
-            projs = [self.slots.get((Kind.PROJ, p, 0)) for p in senders]
-            if not senders or any(pr is None or self._shape_problem(pr.msg, nparts) for pr in projs):
-                # A part that cannot be checked is never applied (its silent reporters are excluded; shapes
-                # were checked at receipt, so every agreed PROJ has one row of K projections per part).
-                unapplied.append(j)
-                continue
-            norms = np.array([pr.msg.norms[j] for pr in projs])
-            s_vals = np.stack([pr.msg.projections[j] for pr in projs])
-            trusted = np.zeros(len(senders), dtype=bool)
-            for i, p in enumerate(senders):
-                if (j, p) in corrected:
-                    norms[i], s_vals[i] = corrected[(j, p)]
-                    trusted[i] = True
-            check = self._ccache or checks  # a shared memo of the same pure functions, or the functions
-            res = check.fixed_point_check(
-                norms,
-                s_vals,
-                tau=self.cfg.tau,
-                lam=self.cfg.lam,
-                eps_rel=self.cfg.eps_rel,
-                plausibility=self.cfg.plausibility,
-                trusted=trusted,
-                ref_norm=float(agg.double().norm()),  # the adaptive τ's floor, as the aggregator applied it
-            )
-            if res.ok and (
-                len(senders) < checks.SCALE_MIN_REPORTS
-                or check.scale_ratio(norms, s_vals) <= checks.SCALE_LIMIT
-            ):
-                applied[j] = agg
-            elif res.ok:
-                unapplied.append(j)
-            else:
-                failed.append(j)
-                ban(
-                    aggregator,
-                    f"aggregate of part {j} fails the projection check ({res.statistic:.3g} > {res.tolerance:.3g})",
-                    None,
-                    (),
-                )
-        dtype = torch.get_default_dtype()
-        agg_full = torch.cat(  # a new tensor (never a view of a part the peer keeps)
-            [
-                applied[j] if j in applied else torch.zeros(b - a, dtype=dtype)
-                for j, (a, b) in enumerate(self.bounds)
-            ]
-        ).to(dtype)
-        missing_set = set(missing)
-        excluded = set(self.contributors) - set(self.committed)
-        excluded |= {self.aggregators[j] for j in missing_set if j in self.aggregators}
-        live = self._live()
-        excluded |= {p for p in live if (Kind.MPRNG_COMMIT, p, 0) not in self.slots}
-        excluded |= {p for p in live if (Kind.MPRNG_REVEAL, p, 0) not in self.slots}
-        excluded |= {p for p in self.committed if (Kind.PROJ, p, 0) not in self.slots}
-        for j in range(len(self.bounds)):
-            if j not in missing_set:  # asked publicly, never re-sent: silent
-                excluded |= {p for p in self._publicly_pulled(j) if not self._resent(p, j)}
-        excluded -= set(verdicts)
-        survivors = tuple(p for p in self.members if p not in verdicts and p not in excluded)
-        self.banned |= set(verdicts)
-        # An honest majority never loses half of the members in one step; a peer that sees it happen is the
-        # one cut off (its view is the minority's), so it must stop rather than train on alone.
-        partitioned = 2 * len(survivors) <= len(self.members)
-        joined = self._admitted() if not partitioned else ()
-        left = tuple(sorted(self._public_senders(Kind.LEAVE) & set(survivors)))
-        next_members = tuple(sorted(p for p in survivors + joined if p not in left))
-        hints = sorted(x.msg.phase_hint_ms for (k, _, _), x in self.slots.items() if k == Kind.MPRNG_COMMIT)
-        next_timeout = self.cfg.phase_timeout
-        if hints:
-            measured = TIMEOUT_FACTOR * float(np.median(hints)) / 1000.0
-            next_timeout = min(max(next_timeout, measured), TIMEOUT_GROWTH * self.phase_timeout)
-        probation = {p: s for p, s in self.probation.items() if s > self.step and p in next_members}
-        for p in joined:
-            probation[p] = self.step + 1 + self.cfg.probation_steps  # observe step t+1, then contribute
-
+        """The step's decision (`decision.decide` on the agreed items), then the next step's state."""
+        facts = StepFacts(
+            self.cfg,
+            self._prior,
+            self._agreed_items(),
+            zs=lambda r, j, n: self._zcache.get(r, j, n, self.cfg.num_projections),
+        )
+        out = decide(
+            facts,
+            previous=self._record_view(self.step - 1),
+            validation=self._validation,
+            check=self._ccache or checks,
+        )
+        self.banned |= {v.banned for v in out.verdicts}
         self._records[self.step] = _StepRecord(
             self.step,
             self.r,
             self.bounds,
-            published,
-            {p: s for (k, p, _), s in self.slots.items() if k == Kind.GRAD_COMMIT},
-            {p: s for (k, p, _), s in self.slots.items() if k == Kind.PROJ},
+            out.published,
+            {p: x for (k, p, _), x in self.slots.items() if k == Kind.GRAD_COMMIT},
+            {p: x for (k, p, _), x in self.slots.items() if k == Kind.PROJ},
         )
         self._records.pop(self.step - 2, None)
         self._prev = (self.step, self.slots, self._public_items())
-        pool = [p for p in next_members if p not in joined and probation.get(p, -1) <= self.step]
-        next_validators = choose_validators(
-            pool,
-            [p for p in self.committed if p in next_members],
-            self.r,
-            self.cfg.validators,
-            priority=[p for p in self.committed if self.on_probation(p)],
-        )
         result = StepResult(
             step=self.step,
-            aggregate=agg_full,
-            r=self.r,
-            verdicts=tuple(verdicts[k] for k in sorted(verdicts)),
-            excluded=tuple(sorted(excluded)),
+            aggregate=out.aggregate,
+            r=out.r,
+            verdicts=out.verdicts,
+            excluded=out.excluded,
             members=self.members,
-            next_members=next_members,
-            next_validators=next_validators,
-            failed_parts=tuple(failed),
-            missing_parts=tuple(missing),
-            unapplied_parts=tuple(unapplied),
+            next_members=out.next_members,
+            next_validators=out.next_validators,
+            failed_parts=out.failed_parts,
+            missing_parts=out.missing_parts,
+            unapplied_parts=out.unapplied_parts,
             clip_iterations=self._clip_iters,
             clipped=self._clipped,
             rejected_messages=self.rejected,
-            joined=joined,
-            left=left,
-            next_phase_timeout=next_timeout,
-            probation=dict(probation),
-            partitioned=partitioned,
+            joined=out.joined,
+            left=out.left,
+            next_phase_timeout=out.next_phase_timeout,
+            probation=dict(out.probation),
+            partitioned=out.partitioned,
             agreed=tuple(sorted(self._agreed_all)),
         )
         self._audit("step", result)
         self._outbox.append(result)
         # Advance to the next step (membership, shared randomness, validator roles).
         self.phase = Phase.IDLE
-        if self.id in next_members and not partitioned:
-            self.members = next_members
-        self.r_prev = self.r
-        self.validators = next_validators
-        self.observers = frozenset(joined)
-        self.probation = probation
-        self.phase_timeout = next_timeout
+        self._ag = None
+        if self.id in out.next_members and not out.partitioned:
+            self.members = out.next_members
+        self.r_prev = out.r
+        self.validators = out.next_validators
+        self.observers = frozenset(out.joined)
+        self.probation = out.probation
+        self.phase_timeout = out.next_phase_timeout
         self.step += 1
-
-    def _admitted(self) -> tuple[bytes, ...]:
-        """Joiners admitted at the end of this step (after its bans were added to `banned`): senders of the
-        JOINs every honest member holds (the ACCUSE digest exchange covered them), at most
-        `max_joins_per_step`, in an order drawn from r."""
-        cands = {p for p in self._public_senders(Kind.JOIN) if p not in self.members and p not in self.banned}
-        ranked = sorted(cands, key=lambda p: digest("join", self.r, p))
-        return tuple(sorted(ranked[: self.cfg.max_joins_per_step]))
-
-
-def _about_grad_part(a: Accuse, limits: Limits) -> bool:
-    """Whether the accusation's last evidence item is a gradient part (not a malformed commit or report)."""
-    try:
-        return bool(a.evidence) and decode(a.evidence[-1], limits).msg.kind == Kind.GRAD_PART
-    except MalformedMessage:
-        return False
-
-
-def _mprng_commitment(peer: BtardPeer, sender: bytes, secret: bytes) -> bytes:
-    return _mprng_digest(peer.cfg.run_id, peer.step, sender, secret)
-
-
-@functools.lru_cache(maxsize=4096)
-def _mprng_digest(run_id: bytes, step: int, sender: bytes, secret: bytes) -> bytes:
-    return digest("mprng", run_id, step, sender, secret)
-
-
-def choose_validators(
-    members: Sequence[bytes],
-    candidates: Sequence[bytes],
-    r: bytes,
-    m: int,
-    *,
-    priority: Sequence[bytes] = (),
-) -> dict[bytes, bytes]:
-    """m validators among `members` and a distinct target (≠ itself) for each among `candidates`, from r.
-
-    Peers in `priority` (on probation) are each targeted by one validator before any random target is drawn,
-    and there is at least one validator while any is on probation. At most ⌊(len(members) − 1)/2⌋
-    validators, so contributors stay the majority of the next step.
-    """
-    return dict(_choose_validators(tuple(members), tuple(candidates), r, m, tuple(priority)))
-
-
-@functools.lru_cache(maxsize=64)  # a pure function of public values; every peer of a simulation asks it
-def _choose_validators(
-    members: tuple[bytes, ...],
-    candidates: tuple[bytes, ...],
-    r: bytes,
-    m: int,
-    priority: tuple[bytes, ...],
-) -> tuple[tuple[bytes, bytes], ...]:
-    priority = [c for c in priority if c in candidates]
-    m = min(max(m, 1 if priority else 0), (len(members) - 1) // 2)
-    if m <= 0 or not candidates:
-        return ()
-    ranked = sorted(members, key=lambda p: digest("validator", r, p))
-    out: dict[bytes, bytes] = {}
-    for c in sorted(priority, key=lambda c: digest("probation-target", r, c))[:m]:
-        v = next((v for v in ranked if v not in out and v != c), None)
-        if v is not None:
-            out[v] = c
-    for v in ranked:
-        if len(out) >= m:
-            break
-        if v in out:
-            continue
-        targets = sorted((c for c in candidates if c != v), key=lambda c: digest("target", r, v, c))
-        if targets:
-            out[v] = targets[0]
-    return tuple(out.items())
