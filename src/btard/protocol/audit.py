@@ -18,9 +18,13 @@ from pathlib import Path
 from typing import IO
 
 from btard.crypto import Identity, bytes_digest, digest, verify
-from btard.protocol.errors import MalformedMessage
+from btard.protocol.config import ProtocolConfig
+from btard.protocol.decision import Agreed, Prior, StepFacts, decide
+from btard.protocol.errors import LocalProtocolError, MalformedMessage
+from btard.protocol.events import StepResult
+from btard.protocol.evidence import StepView
 from btard.protocol.messages import Accuse, Kind, Limits, Reason, Signed, decode
-from btard.protocol.peer import StepResult
+from btard.protocol.state import KIND_PHASE
 
 SELF_CONTAINED = {
     "equivocation",
@@ -79,6 +83,12 @@ class AuditLog:
             self._write({"t": "msg", "raw": _b64(obj.raw)})
         elif kind == "reject":
             self._write({"t": "reject", **obj})  # type: ignore[dict-item]
+        elif kind == "config":
+            assert isinstance(obj, ProtocolConfig)
+            self._write({"t": "config", **_config_record(obj)})
+        elif kind == "begin":
+            assert isinstance(obj, Prior)
+            self._write({"t": "begin", **_prior_record(obj)})
         elif kind == "step":
             assert isinstance(obj, StepResult)
             rec = {
@@ -88,11 +98,14 @@ class AuditLog:
                 "members": [m.hex() for m in obj.members],
                 "next_members": [m.hex() for m in obj.next_members],
                 "excluded": [m.hex() for m in obj.excluded],
+                "next_validators": {v.hex(): t.hex() for v, t in sorted(obj.next_validators.items())},
+                "next_phase_timeout": obj.next_phase_timeout,
                 "aggregate": digest("aggregate", obj.aggregate.numpy().tobytes()).hex(),
                 "agreed": [d.hex() for d in obj.agreed],
                 "verdicts": [
                     {
                         "banned": v.banned.hex(),
+                        "code": v.code.value,
                         "reason": v.reason,
                         "accuser": v.accuser.hex() if v.accuser else None,
                         "evidence": [e.hex() for e in v.evidence],
@@ -117,6 +130,7 @@ class AuditReport:
     steps: int = 0
     verdicts_verified: int = 0
     verdicts_needing_model: int = 0
+    decisions_recomputed: int = 0  # steps whose whole outcome was recomputed from the logged agreed items
 
     def summary(self) -> str:
         head = "OK" if self.ok else "FAILED"
@@ -124,7 +138,8 @@ class AuditReport:
             f"audit {head}: {self.steps} steps, {self.messages} signed messages, "
             f"{self.verdicts_verified} bans re-derived from their evidence, "
             f"{self.verdicts_needing_model} bans whose evidence is present and signed but needs the model "
-            "or aggregate to re-derive"
+            "or aggregate to re-derive; "
+            f"{self.decisions_recomputed} of {self.steps} steps' decisions recomputed from their agreed items"
         ]
         lines += [f"  problem: {p}" for p in self.problems[:50]]
         return "\n".join(lines)
@@ -145,6 +160,7 @@ def verify_log(lines: list[str], run_id: bytes | None = None, limits: Limits = L
     msgs: dict[bytes, Signed] = {}
     by_step: dict[int, list[Signed]] = {}
     prev_r: bytes | None = None
+    replay = _Replay()
     for no, line in enumerate(lines, start=1):
         try:
             rec = json.loads(line)
@@ -168,6 +184,14 @@ def verify_log(lines: list[str], run_id: bytes | None = None, limits: Limits = L
             by_step.setdefault(s.msg.step, []).append(s)
             if run_id is None:
                 run_id = s.msg.run_id
+        elif t == "config":
+            replay.config = _config_from(rec)
+            if replay.config is None:
+                problems.append(f"line {no}: malformed config record")
+        elif t == "begin":
+            replay.prior = _prior_from(rec)
+            if replay.prior is None:
+                problems.append(f"line {no}: malformed begin record")
         elif t == "step":
             rep.steps += 1
             step = rec["step"]
@@ -192,6 +216,7 @@ def verify_log(lines: list[str], run_id: bytes | None = None, limits: Limits = L
             prev_r = bytes.fromhex(rec["r"])
             for v in rec["verdicts"]:
                 _check_verdict(v, step, msgs, limits, rep, no)
+            replay.check_step(rec, msgs, rep, no)
     rep.ok = not problems
     return rep
 
@@ -309,3 +334,141 @@ def _self_contained_proof(a: Accuse, ev: list[Signed]) -> bool:
             and digest("mprng", rv.run_id, rv.step, rv.sender, rv.secret) != c.commitment
         )
     return False
+
+
+# ---------------------------------------------------------------------------------------------------- replay
+_CONFIG_FIELDS = (
+    "dim",
+    "tau",
+    "lam",
+    "eps_rel",
+    "max_iter",
+    "num_projections",
+    "plausibility",
+    "validators",
+    "validation_rtol",
+    "validation_mode",
+    "phase_timeout",
+    "max_joins_per_step",
+    "probation_steps",
+    "max_faulty",
+)
+
+
+def _config_record(cfg: ProtocolConfig) -> dict:
+    rec = {k: getattr(cfg, k) for k in _CONFIG_FIELDS}
+    rec["run_id"] = cfg.run_id.hex()
+    rec["limits"] = dict(vars(cfg.limits))
+    return rec
+
+
+def _config_from(rec: dict) -> ProtocolConfig | None:
+    try:
+        return ProtocolConfig(
+            run_id=bytes.fromhex(rec["run_id"]),
+            limits=Limits(**rec["limits"]),
+            **{k: rec[k] for k in _CONFIG_FIELDS},
+        )
+    except (KeyError, TypeError, ValueError, LocalProtocolError):
+        return None
+
+
+def _prior_record(p: Prior) -> dict:
+    return {
+        "step": p.step,
+        "members": [m.hex() for m in p.members],
+        "validators": {v.hex(): t.hex() for v, t in sorted(p.validators.items())},
+        "observers": sorted(o.hex() for o in p.observers),
+        "probation": {k.hex(): v for k, v in sorted(p.probation.items())},
+        "banned": sorted(b.hex() for b in p.banned),
+        "r_prev": p.r_prev.hex(),
+        "phase_timeout": p.phase_timeout,
+    }
+
+
+def _prior_from(rec: dict) -> Prior | None:
+    try:
+        return Prior(
+            step=int(rec["step"]),
+            members=tuple(bytes.fromhex(m) for m in rec["members"]),
+            validators={bytes.fromhex(v): bytes.fromhex(t) for v, t in rec["validators"].items()},
+            observers=frozenset(bytes.fromhex(o) for o in rec["observers"]),
+            probation={bytes.fromhex(k): int(v) for k, v in rec["probation"].items()},
+            banned=frozenset(bytes.fromhex(b) for b in rec["banned"]),
+            r_prev=bytes.fromhex(rec["r_prev"]),
+            phase_timeout=float(rec["phase_timeout"]),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+class _Replay:
+    """Recomputes each step's decision (`decision.decide`) from the agreed items the log holds and compares it
+    with the step record the owner signed. A step is recomputed when the log has the run's config, the step's
+    begin record and every agreed item (a swarm peer leaves gradient and aggregate parts out of its log unless
+    run with --audit-parts: such steps are checked only for r and self-contained bans)."""
+
+    def __init__(self) -> None:
+        self.config: ProtocolConfig | None = None
+        self.prior: Prior | None = None
+        self._prev_view: StepView | None = None  # the last recomputed step, for accusations carried from it
+
+    def check_step(self, rec: dict, msgs: dict[bytes, Signed], rep: AuditReport, no: int) -> None:
+        cfg, prior = self.config, self.prior
+        try:
+            step = int(rec["step"])
+            agreed_ids = [bytes.fromhex(d) for d in rec.get("agreed", [])]
+        except (TypeError, ValueError):
+            return
+        if cfg is None or prior is None or prior.step != step or any(d not in msgs for d in agreed_ids):
+            return
+        facts = StepFacts(cfg, prior, _agreed_items([msgs[d] for d in agreed_ids]))
+        logged = {v.get("banned"): v for v in rec.get("verdicts", []) if isinstance(v, dict)}
+
+        def validation(a: Accuse, ev: list[Signed]) -> bool | None:
+            v = logged.get(a.accused.hex()) or logged.get(a.sender.hex())
+            if v is None:
+                return None
+            return v.get("banned") == a.accused.hex()  # needs the model: the logged verdict, checked for form
+
+        out = decide(facts, previous=self._prev_view, validation=validation)
+        mine = {
+            "r": out.r.hex(),
+            "next_members": [m.hex() for m in out.next_members],
+            "excluded": [m.hex() for m in out.excluded],
+            "aggregate": digest("aggregate", out.aggregate.numpy().tobytes()).hex(),
+            "verdicts": sorted((v.banned.hex(), v.reason) for v in out.verdicts),
+            "next_validators": {v.hex(): t.hex() for v, t in sorted(out.next_validators.items())},
+        }
+        theirs = dict(rec)
+        theirs["verdicts"] = sorted(
+            (v.get("banned"), v.get("reason")) for v in rec.get("verdicts", []) if isinstance(v, dict)
+        )
+        for key, value in mine.items():
+            if key in theirs and theirs[key] != value:
+                rep.problems.append(f"line {no}: step {step}: {key} does not follow from the agreed items")
+        rep.decisions_recomputed += 1
+        self._prev_view = StepView(step, facts.bounds, facts.view().commits, out.published.get, facts.z)
+
+
+def _agreed_items(items: list[Signed]) -> Agreed:
+    """The agreed items of a step, sorted into slots (two versions: equivocation) and ACCUSE-phase items."""
+    by_slot: dict[tuple, list[Signed]] = {}
+    accusations: dict[bytes, Signed] = {}
+    public: dict[bytes, Signed] = {}
+    for s in items:
+        m = s.msg
+        if m.kind in KIND_PHASE:
+            by_slot.setdefault(m.slot(), []).append(s)
+        elif m.kind == Kind.ACCUSE:
+            accusations[s.msg_digest] = s
+        else:
+            public[s.msg_digest] = s
+    slots, equivocated = {}, {}
+    for slot, vers in by_slot.items():
+        vers.sort(key=lambda v: v.msg_digest)
+        if len(vers) == 1:
+            slots[slot] = vers[0]
+        else:
+            equivocated[slot] = (vers[0], vers[1])
+    return Agreed(slots, equivocated, accusations, public)

@@ -184,6 +184,7 @@ class BtardPeer:
         self._others_key: tuple | None = None
         self._others_val: tuple[bytes, ...] = ()
         self._reset_step_state()
+        self._audit("config", config)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -268,6 +269,7 @@ class BtardPeer:
             self.r_prev,
             self.phase_timeout,
         )
+        self._audit("begin", self._prior)
         self.rounds = default_rounds(len(self.members), self.cfg.max_faulty)
         self._t0 = now
         self.params_hash = params_hash
