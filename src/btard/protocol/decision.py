@@ -325,8 +325,10 @@ def void_parts(cfg: ProtocolConfig, facts: StepFacts, accusations: Mapping[bytes
 class _Verdicts:
     """The step's bans, first one per peer (in a fixed order of reasons)."""
 
-    def __init__(self, step: int, members: Sequence[bytes]) -> None:
-        self.step, self.members = step, set(members)
+    def __init__(self, step: int, members: Sequence[bytes], targets: Sequence[bytes] = ()) -> None:
+        # Members, and the targets of this step's validators: a peer that left after the step it is validated
+        # for is banned all the same (it cannot come back), though it is no longer a member.
+        self.step, self.members = step, set(members) | set(targets)
         self.by_peer: dict[bytes, Verdict] = {}
 
     def ban(
@@ -471,7 +473,7 @@ def _membership(facts: StepFacts, verdicts: Mapping[bytes, Verdict], excluded: s
     pool = [p for p in next_members if p not in joined and probation.get(p, -1) <= step]
     validators = choose_validators(
         pool,
-        [p for p in facts.committed if p in next_members],
+        [p for p in facts.committed if p in next_members or p in left],  # leaving exempts nobody
         facts.r,
         cfg.validators,
         priority=[p for p in facts.committed if prior.on_probation(p)],
@@ -491,7 +493,7 @@ def decide(facts: StepFacts, *, previous: StepView | None, validation: Validatio
     def judge(s: Signed) -> bytes | None:
         return resolve(cfg, s, step, views, validation)
 
-    out = _Verdicts(step, members)
+    out = _Verdicts(step, members, tuple(prior.validators.values()))
     void = void_parts(cfg, facts, agreed.accusations, judge)
     corrected = _judge_accusations(facts, judge, void, out)
     parts = _Parts()
