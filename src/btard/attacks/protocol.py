@@ -140,7 +140,7 @@ class CollusiveAggregator(ProtocolAttack):
             return agg
         parts = {
             p: peer.slots[(Kind.GRAD_PART, p, j)].msg.tensor()
-            for p in peer._expected_senders(j)
+            for p in peer.expected_senders(j)
             if (Kind.GRAD_PART, p, j) in peer.slots
         }
         dists = torch.stack([(v.double() - agg.double()).norm() for v in parts.values()])
@@ -180,12 +180,12 @@ class CollusiveReporter(ProtocolAttack):
 def _collusive_projections(coalition: Coalition, peer: BtardPeer, norms: np.ndarray, projs: np.ndarray):
     norms, projs = norms.copy(), projs.copy()
     liars = sorted(p for p in coalition.members if p in peer.committed)
-    zs = peer._zs()
+    zs = peer.projection_vectors()
     for (step, j), parts in coalition.parts.items():
         if step != peer.step or peer.id not in parts:
             continue
-        agg = peer._aggregate_part(j)
-        senders = [p for p in peer._declared(j) if p in parts]
+        agg = peer.aggregate_part(j)
+        senders = [p for p in peer.declared(j) if p in parts]
         vals = {p: checks.project(parts[p], agg, zs[j]) for p in senders}
         n = np.array([vals[p][0] for p in senders])
         # With each liar at distance τ-ish (weight 1), its s counts fully: solve for the cancelling total.
@@ -225,7 +225,7 @@ class FalseAccusation(ProtocolAttack):
         msg = Accuse(
             peer.cfg.run_id, peer.step, peer.id, victim, peer.step, Reason.COMMIT_MISMATCH, 0, (commit.raw,)
         )
-        return [(msg, peer._others())]
+        return [(msg, peer.others())]
 
 
 class FramingByOmission(ProtocolAttack):
@@ -276,9 +276,9 @@ class Replay(ProtocolAttack):
         if phase == Phase.ACCUSE:
             self._saved = [s.raw for (k, p, _), s in peer.slots.items() if p == peer.id]
         if phase == Phase.COMMIT and self.on(peer):
-            out = [(raw, peer._others()) for raw in self._saved]
+            out = [(raw, peer.others()) for raw in self._saved]
             other_run = MprngReveal(b"another-run-0000", peer.step, peer.id, bytes(32))
-            out.append((other_run, peer._others()))
+            out.append((other_run, peer.others()))
         return out
 
 
@@ -296,7 +296,7 @@ class Malformed(ProtocolAttack):
         raw = encode(good, peer.identity).raw
         oversized = b"\x00" * (Limits().max_message_bytes + 1)
         flipped = raw[:-1] + bytes([raw[-1] ^ 1])
-        return [(b, peer._others()) for b in (b"garbage", raw[:20], raw[:-10], flipped, oversized)]
+        return [(b, peer.others()) for b in (b"garbage", raw[:20], raw[:-10], flipped, oversized)]
 
 
 class Silent(ProtocolAttack):

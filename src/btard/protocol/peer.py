@@ -233,6 +233,27 @@ class BtardPeer:
     def is_observer(self) -> bool:
         return self.id in self.observers
 
+    # Read-only views of the step for behaviours (attacks model what honest peers compute).
+    def others(self) -> tuple[bytes, ...]:
+        """Members of this step other than this peer and not banned."""
+        return self._others()
+
+    def projection_vectors(self) -> list[torch.Tensor]:
+        """z(r^t) per part (after MPRNG_REVEAL)."""
+        return self._zs()
+
+    def expected_senders(self, j: int) -> list[bytes]:
+        """Whose part j its aggregator must include (committed, not proven bad for part j, not on probation)."""
+        return self._expected_senders(j)
+
+    def declared(self, j: int) -> tuple[bytes, ...]:
+        """The senders part j's aggregator declared in its AGG_COMMIT."""
+        return self._declared(j)
+
+    def aggregate_part(self, j: int) -> torch.Tensor | None:
+        """ĝ[j] as agreed (None if missing, mismatched or non-finite)."""
+        return self._aggregate_part(j)
+
     def events(self) -> list[object]:
         out, self._outbox = self._outbox, []
         return out
