@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import pytest
 import torch
 
+from btard.attacks.protocol import ProtocolAttack
 from btard.protocol.adversary import (
     STRATEGIES,
     LatePart,
@@ -23,7 +24,8 @@ from btard.protocol.adversary import (
     run_schedule,
     second_version,
 )
-from btard.protocol.messages import Join, Kind, Signed
+from btard.protocol.messages import Join, Kind, Pull, Signed
+from btard.protocol.state import Phase
 
 SEEDS_PER_STRATEGY = 20  # 8 families × 20 = 160 schedules of 2 steps (n = 5, b = 2)
 FAMILIES = [s for s in STRATEGIES if s != "honest"]
@@ -153,3 +155,76 @@ def test_honest_results_are_compared_bit_for_bit():
     bumped[0] = torch.nextafter(bumped[0], torch.tensor(float("inf")))
     results[pid] = dataclasses.replace(r, aggregate=bumped)
     assert [f.kind for f in check_step(0, results, out.names)] == ["split"]
+
+
+class _PullBehindTheOwnersBack(Tactic):
+    """A Byzantine aggregator's public re-send request for an honest owner's part reaches the other honest
+    peers but not the owner (`late`: the owner gets it only once in ACCUSE, after its manifest). Shrunk from
+    `digest` seeds 1014, 1030, 1049, 1050, 1098, 1102: one such PULL shown to one honest non-owner in SCATTER
+    had every honest peer exclude the owner (the PULL agreed in ACCUSE, the owner's answer created after its
+    own manifest, so never agreed). `omit`: the aggregator also drops the owner's part (its genuine public
+    request is routed the same way), so the agreed aggregate leaves the owner out."""
+
+    name = "pull-behind-back"
+
+    def __init__(self, late: bool, omit: bool) -> None:
+        super().__init__()
+        self.late, self.omit = late, omit
+
+    def bind(self, ctx) -> None:
+        super().bind(ctx)
+        self.owner = ctx.honest[0]
+        if self.omit:
+            owner = self.owner
+
+            class _DropOwnersPart(ProtocolAttack):
+                name = "drop-owners-part"
+
+                def accept(self, peer, s):
+                    return not (s.msg.kind == Kind.GRAD_PART and s.msg.sender == owner)
+
+            for b in ctx.byzantine:
+                ctx.peers[b].behaviour = _DropOwnersPart()
+
+    def _to_owner(self, s: Signed) -> None:
+        if self.late:
+            self.ctx.when_phase(
+                self.owner,
+                Phase.ACCUSE,
+                lambda: self.ctx.deliver([self.owner], s.raw, key="late", what="PULL to the owner in ACCUSE"),
+            )
+
+    def on_phase(self, pid: bytes, phase: Phase) -> None:
+        ctx = self.ctx
+        if self.omit or phase != Phase.SCATTER or pid == self.owner or ctx.step != 0 or ctx.actions:
+            return
+        peer = ctx.peers[pid]
+        j, agg = next(
+            ((j, a) for j, a in sorted(peer.aggregators.items()) if a in ctx.byzantine), (None, None)
+        )
+        if agg is None or self.owner not in peer.committed:
+            return
+        s = ctx.sign(Pull(ctx.cfg.run_id, ctx.step, agg, int(Kind.GRAD_PART), self.owner, j, True))
+        ctx.deliver([pid], s.raw, key="pull", what="public PULL of the owner's part to one non-owner")
+        self._to_owner(s)
+
+    def route(self, src: bytes, dest: bytes, s: Signed) -> bool:
+        m = s.msg
+        if m.kind != Kind.PULL or not m.public or m.origin != self.owner or dest != self.owner:
+            return False
+        self._to_owner(s)
+        return True  # withheld from the owner (or delivered late)
+
+
+@pytest.mark.parametrize("omit", [False, True])
+@pytest.mark.parametrize("late", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_a_public_pull_behind_the_owners_back_excludes_nobody_honest(seed, late, omit):
+    out = run_schedule(Schedule(seed=seed, strategy="digest"), [_PullBehindTheOwnersBack(late, omit)])
+    assert not out.failed and not out.has("honest-exclusion"), out.describe()
+
+
+@pytest.mark.parametrize("seed", [1014, 1030, 1049, 1050, 1098, 1102])
+def test_digest_schedules_that_excluded_an_honest_owner(seed):
+    out = run_schedule(Schedule(seed=seed, strategy="digest"))
+    assert not out.failed and not out.has("honest-exclusion"), out.describe()

@@ -437,10 +437,16 @@ def _excluded(facts: StepFacts, missing: Sequence[int], banned: Mapping[bytes, V
     excluded |= {p for p in facts.live if (Kind.MPRNG_COMMIT, p, 0) not in slots}
     excluded |= {p for p in facts.live if (Kind.MPRNG_REVEAL, p, 0) not in slots}
     excluded |= {p for p in facts.committed if (Kind.PROJ, p, 0) not in slots}
+    # Asked publicly, left out of the agreed aggregate although it had to be aggregated, never re-sent: silent.
+    # The request alone proves nothing (it may reach the owner only inside the ACCUSE agreement, too late for
+    # an answer to be agreed); the agreed AGG_COMMIT reaches every honest owner before its ACCUSE manifest, and
+    # an honest owner it leaves out re-sends at once (`BtardPeer._resend_omitted_parts`).
+    owners = {p for p in facts.committed if not prior.on_probation(p)}
     for j in range(len(facts.bounds)):
-        if j not in missing:  # asked publicly, never re-sent: silent
+        if j not in missing:
             pulled = publicly_pulled(public, facts.aggregators.get(j), j)
-            excluded |= {p for p in pulled if not resent(public, p, j)}
+            owed = (pulled & owners) - set(facts.declared(j))
+            excluded |= {p for p in owed if not resent(public, p, j)}
     return excluded - set(banned)
 
 

@@ -918,6 +918,7 @@ class BtardPeer:
             ]
             self._send_parts()
         elif ph == Phase.AGGREGATE:
+            self._resend_omitted_parts()
             self._enter(NEXT_PHASE[ph], now)
             self._secret = self._secret_source(32)
             self._broadcast(
@@ -944,6 +945,27 @@ class BtardPeer:
             self._enter(NEXT_PHASE[ph], now)
         elif ph == Phase.ACCUSE:
             self._finish()
+
+    def _resend_omitted_parts(self) -> None:
+        """Once the AGGREGATE set is agreed: re-send publicly every part whose agreed AGG_COMMIT leaves this
+        peer out although it had to be aggregated. Whether an owner is silent is judged against that agreed
+        commit (`decision._excluded`), which every honest peer holds before it enters ACCUSE, so the re-send is
+        in its own manifest and agreed; a public PULL may reach the owner only inside the ACCUSE agreement."""
+        if self.gradient is None or self.id not in self.committed or self.on_probation(self.id):
+            return
+        if not self.behaviour.answers_pulls(self):
+            return
+        for j, a in sorted(self.aggregators.items()):
+            c = self.slots.get((Kind.AGG_COMMIT, a, j))
+            if a == self.id or c is None or self.id in c.msg.included:
+                continue
+            lo, hi = self.bounds[j]
+            s = self.slots.get((Kind.GRAD_PART, self.id, j)) or self._sign(
+                GradPart.of(self.cfg.run_id, self.step, self.id, j, self.gradient[lo:hi])
+            )
+            if s.msg_digest not in self.public:
+                self._add_public(s)
+                self._outbox.append(Send(self._others(), s.raw))
 
     def _assign_aggregators(self) -> None:
         self.aggregators = assign_aggregators(self.order, self.committed)
