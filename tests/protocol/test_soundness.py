@@ -117,3 +117,24 @@ def test_proj_shape_is_checked_at_receipt():
     first = res[swarm.honest[0]]
     v = [v for v in first.verdicts if v.banned == swarm.ids[5]]
     assert v and v[0].reason == "bad-shape" and v[0].accuser in swarm.honest
+
+
+class _Flip(Behaviour):
+    def __init__(self, k: float) -> None:
+        self.k = k
+
+    def gradient(self, peer: BtardPeer, g: torch.Tensor) -> torch.Tensor:
+        return -self.k * g
+
+
+@pytest.mark.parametrize("k", [10.0, 1000.0])
+@pytest.mark.parametrize("b", [1, 3])
+def test_a_minority_of_gradient_attackers_cannot_stall_a_part(b, k):
+    """The scale check fails a part without a ban: it must not be a lever. A Byzantine minority sending
+    sign-flipped gradients (×10, ×1000) leaves every part applied, for several seeds."""
+    n = 2 * b + 2
+    for seed in range(2):
+        swarm = make_swarm(n, seed=seed, dim=256, behaviours={n - 1 - i: _Flip(k) for i in range(b)})
+        r = swarm.step()[swarm.honest[0]]
+        assert not r.unapplied_parts and not r.failed_parts and not r.missing_parts
+        assert not {v.banned for v in r.verdicts} & set(swarm.honest)
