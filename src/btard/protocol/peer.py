@@ -69,6 +69,7 @@ from btard.protocol.messages import (
     encode,
 )
 from btard.protocol.state import BARRIER_KINDS, CONTENT_KINDS, KIND_PHASE, NEXT_PHASE, Phase, phase_start
+from btard.protocol.step_state import StepState
 
 GENESIS = digest("genesis")
 _KIND_VALUES = frozenset(int(k) for k in Kind)
@@ -233,6 +234,22 @@ class BtardPeer:
     def is_observer(self) -> bool:
         return self.id in self.observers
 
+    # The step's state (`StepState`), read-only for drivers, behaviours and tests.
+    slots = property(
+        lambda self: self.st.slots, doc="(kind, sender, index) -> the step's message in that slot"
+    )
+    accusations = property(lambda self: self.st.accusations, doc="the step's accusations by digest")
+    public = property(lambda self: self.st.public, doc="the step's public items by digest")
+    gradient = property(
+        lambda self: self.st.gradient, doc="this peer's gradient of the step (None: validator)"
+    )
+    params_hash = property(lambda self: self.st.params_hash, doc="H(x^t) this peer committed to")
+    committed = property(lambda self: self.st.committed, doc="contributors whose commit was agreed")
+    aggregators = property(lambda self: self.st.aggregators, doc="part -> its aggregator")
+    r = property(lambda self: self.st.r, doc="r^t once the MPRNG closed")
+    bounds = property(lambda self: self.st.bounds, doc="the parts' [start, end) ranges")
+    order = property(lambda self: self.st.order, doc="the part order drawn from r^{t−1}")
+
     # Read-only views of the step for behaviours (attacks model what honest peers compute).
     def others(self) -> tuple[bytes, ...]:
         """Members of this step other than this peer and not banned."""
@@ -263,12 +280,12 @@ class BtardPeer:
         phase = self.phase
         if phase == Phase.IDLE or phase == Phase.DONE:
             return None
-        cands = list(self._pull_due.values())
-        ag = self._ag
+        cands = list(self.st.pull_due.values())
+        ag = self.st.ag
         if ag is not None and not ag.closed:
             cands.append(ag.deadline())
-        if phase == Phase.SCATTER and self._scatter_deadlines:
-            cands.append(self._scatter_deadlines[-1])
+        if phase == Phase.SCATTER and self.st.scatter_deadlines:
+            cands.append(self.st.scatter_deadlines[-1])
         return min(cands) if cands else None
 
     def begin_step(self, now: float, params_hash: bytes, gradient: torch.Tensor | None) -> None:
@@ -292,27 +309,27 @@ class BtardPeer:
         )
         self._audit("begin", self._prior)
         self.rounds = default_rounds(len(self.members), self.cfg.max_faulty)
-        self._t0 = now
-        self.params_hash = params_hash
+        self.st.t0 = now
+        self.st.params_hash = params_hash
         aggregating = self.aggregating
-        self.bounds = checks.part_bounds(self.cfg.dim, max(len(aggregating), 1))
-        self.order = checks.part_order(aggregating, self.r_prev)
+        self.st.bounds = checks.part_bounds(self.cfg.dim, max(len(aggregating), 1))
+        self.st.order = checks.part_order(aggregating, self.r_prev)
         self._outbox.append(PhaseEntered(self.step, Phase.COMMIT))
         if gradient is not None:
             g = self.behaviour.gradient(self, gradient.detach().to(torch.float32).reshape(-1))
             if g.numel() != self.cfg.dim:
                 raise LocalProtocolError(f"gradient has {g.numel()} elements, expected {self.cfg.dim}")
-            self.gradient = g
+            self.st.gradient = g
             hashes = [
                 tensor_digest("grad-part", self.cfg.run_id, self.step, self.id, j, g[a:b])
-                for j, (a, b) in enumerate(self.bounds)
+                for j, (a, b) in enumerate(self.st.bounds)
             ]
             hashes = self.behaviour.commit_hashes(self, hashes)
             self._broadcast(GradCommit(self.cfg.run_id, self.step, self.id, params_hash, tuple(hashes)))
         self._enter(Phase.COMMIT, now, announce=False)  # announced before the commit went out (above)
         if self._leaving:
             s = self._broadcast(Leave(self.cfg.run_id, self.step, self.id))
-            self.public[s.msg_digest] = s
+            self.st.public[s.msg_digest] = s
             self._audit("msg", s)
         if self.is_validator:
             self._validate(self.validators[self.id])
@@ -389,7 +406,7 @@ class BtardPeer:
         if not self.step - JOIN_WINDOW <= m.step <= self.step + 1:
             self._reject(f"join for step {m.step} during step {self.step} (stale or replayed)")
             return
-        if s.msg_digest in self.public or self.phase in (Phase.IDLE, Phase.DONE):
+        if s.msg_digest in self.st.public or self.phase in (Phase.IDLE, Phase.DONE):
             return
         if len(self._public_senders(Kind.JOIN)) >= self.cfg.limits.max_peers:
             self._reject("too many joins this step")
@@ -398,64 +415,28 @@ class BtardPeer:
 
     # ------------------------------------------------------------------ step state
     def _reset_step_state(self) -> None:
-        self.slots: dict[tuple, Signed] = {}
-        self.accusations: dict[bytes, Signed] = {}
-        # Public requests for missing parts and the parts re-sent in answer: covered by the ACCUSE-phase digest
-        # so every honest peer decides exclusions from the same set.
-        self.public: dict[bytes, Signed] = {}
-        self._own: dict[Kind, dict[object, Signed]] = {}
-        self._live_cache: tuple[bytes, ...] | None = None
-        self._accused_slots: set[tuple] = set()
-        self._t0 = 0.0
-        self._expect: set[tuple] = set()
-        self._missing: set[tuple] = set()  # the slots of `_expect` not filled yet (kept by `_put_slot`)
-        # The agreement of the current barrier phase, and what the step's agreements share.
-        self._ag: PhaseAgreement | None = None
-        self._timed_out: set[bytes] = set()  # members that missed a round deadline in this step
-        self._versions: dict[tuple, list[Signed]] = {}  # slot -> the (≤ MAX_VERSIONS) versions received
-        self._round_versions: dict[tuple, int] = {}  # (sender, phase, round) -> round messages received
-        self._early_rounds: list[Signed] = []  # round messages of phases not begun yet
-        self._equivocated: dict[tuple, tuple[Signed, Signed]] = {}  # agreed slots with two versions
-        self._pulled: set[tuple[bytes, bytes]] = set()  # (item digest, holder) asked
-        self._want_since: dict[bytes, float] = {}  # item digest -> when it was first wanted
-        self._pull_due: dict[bytes, float] = {}  # item digest -> when the next pull of it is due
-        self._repulled: set[bytes] = set()
-        self._accusations_from: dict[bytes, int] = defaultdict(int)
-        self._agreed_all: set[bytes] = set()  # the agreed items of the phases closed so far
-        self.gradient: torch.Tensor | None = None
-        self.params_hash = b""
-        self.committed: tuple[bytes, ...] = ()
-        self.aggregators: dict[int, bytes] = {}
-        self._agg_cache: dict[int, torch.Tensor | None] = {}
-        self._scatter_deadlines: list[float] = []
-        self._my_parts_done: set[int] = set()
-        self._secret = b""
-        self._clip_iters = 0
-        self._clipped = 0
-        self.r = b""
-        self.bounds = []
-        self.order = []
+        self.st = StepState()
 
     def _enter(self, phase: Phase, now: float, announce: bool = True) -> None:
         if announce:
             self._outbox.append(PhaseEntered(self.step, phase))
         self.phase = phase
         kinds = BARRIER_KINDS.get(phase)
-        self._expect = self._expected(phase)
-        self._missing = {k for k in self._expect if k not in self.slots}
-        self._ag = None
+        self.st.expect = self._expected(phase)
+        self.st.missing = {k for k in self.st.expect if k not in self.st.slots}
+        self.st.ag = None
         if kinds:
-            start = self._t0 + phase_start(phase, self.rounds) * self.phase_timeout
-            self._ag = ag = PhaseAgreement(
+            start = self.st.t0 + phase_start(phase, self.rounds) * self.phase_timeout
+            self.st.ag = ag = PhaseAgreement(
                 me=self.id,
                 members=frozenset(self.members) - self.banned,
                 rounds=self.rounds,
                 start=start,
                 timeout=self.phase_timeout,
                 origin_signs=phase != Phase.ACCUSE,
-                timed_out=self._timed_out,
+                timed_out=self.st.timed_out,
             )
-            self._pull_due.clear()
+            self.st.pull_due.clear()
             if phase == Phase.ACCUSE:
                 items = self._public_items()
                 for d, x in items.items():
@@ -463,11 +444,11 @@ class BtardPeer:
                 entries = tuple((int(x.msg.kind), x.msg.sender, 0, d) for d, x in items.items())
                 self._round_message(phase, 1, entries, ())  # the manifest: round 1 of this phase
             else:
-                for slot, vers in self._versions.items():
+                for slot, vers in self.st.versions.items():
                     if slot[0] in kinds:
                         for v in vers:
                             ag.hold(v.msg_digest, (int(slot[0]), slot[1], slot[2]), v.msg.sender)
-            early, self._early_rounds = self._early_rounds, []
+            early, self.st.early_rounds = self.st.early_rounds, []
             for r in early:
                 self._on_digest(r, now)
         for msg, dests in self.behaviour.extra_messages(self, phase):
@@ -483,7 +464,7 @@ class BtardPeer:
         )
         for _, raw in forward:
             self._outbox.append(Send(self._others(), raw))
-        self._ag.on_round_message(self.id, k, s.msg_digest, entries, s.raw)
+        self.st.ag.on_round_message(self.id, k, s.msg_digest, entries, s.raw)
 
     # ------------------------------------------------------------------ sending
     def _others(self) -> tuple[bytes, ...]:
@@ -495,41 +476,41 @@ class BtardPeer:
 
     def _put_slot(self, key: tuple, s: Signed) -> None:
         """Fill a slot (first version), keeping `_missing` and `_versions` in step with `slots`."""
-        self.slots[key] = s
-        vers = self._versions.setdefault(key, [])
+        self.st.slots[key] = s
+        vers = self.st.versions.setdefault(key, [])
         if all(v.msg_digest != s.msg_digest for v in vers):
             vers.append(s)
-        self._missing.discard(key)
+        self.st.missing.discard(key)
 
     def _add_public(self, s: Signed) -> None:
         """Keep a public item of this step (agreed on in the ACCUSE phase)."""
-        if s.msg_digest in self.public:
+        if s.msg_digest in self.st.public:
             return
-        self.public[s.msg_digest] = s
+        self.st.public[s.msg_digest] = s
         self._audit("msg", s)
-        if self.phase == Phase.ACCUSE and self._ag is not None:
-            self._ag.hold(s.msg_digest, (int(s.msg.kind), s.msg.sender, 0), s.msg.sender)
+        if self.phase == Phase.ACCUSE and self.st.ag is not None:
+            self.st.ag.hold(s.msg_digest, (int(s.msg.kind), s.msg.sender, 0), s.msg.sender)
 
     def _sign(self, msg: Message) -> Signed:
         s = encode(msg, self.identity)
         self._audit("msg", s)
-        own = self._own.setdefault(msg.kind, {})
+        own = self.st.own.setdefault(msg.kind, {})
         own[s.msg_digest if msg.kind == Kind.ACCUSE else msg.slot()] = s
         if msg.kind in CONTENT_KINDS:
             slot = msg.slot()
-            if slot not in self.slots:
+            if slot not in self.st.slots:
                 self._put_slot(slot, s)
                 self._feed(s)
             if msg.kind in (Kind.AGG_PART, Kind.AGG_COMMIT):
-                self._agg_cache.pop(msg.part, None)
+                self.st.agg_cache.pop(msg.part, None)
         elif msg.kind == Kind.ACCUSE:
-            self.accusations[s.msg_digest] = s
+            self.st.accusations[s.msg_digest] = s
             self._feed(s)
         return s
 
     def _feed(self, s: Signed) -> None:
         """Hand a held item to the running agreement if it is of the current phase's kinds."""
-        ag, m = self._ag, s.msg
+        ag, m = self.st.ag, s.msg
         if ag is None:
             return
         if m.kind == Kind.ACCUSE or m.kind in (Kind.JOIN, Kind.LEAVE):
@@ -554,9 +535,9 @@ class BtardPeer:
         self, accused: bytes, reason: Reason, part: int, evidence: Sequence[Signed], about: int
     ) -> None:
         key = (accused, reason, part, about)
-        if key in self._accused_slots or not self.behaviour.should_accuse(self, accused, reason):
+        if key in self.st.accused_slots or not self.behaviour.should_accuse(self, accused, reason):
             return
-        self._accused_slots.add(key)
+        self.st.accused_slots.add(key)
         self._broadcast(
             Accuse(
                 self.cfg.run_id,
@@ -584,18 +565,18 @@ class BtardPeer:
             if m.want_kind not in _KIND_VALUES:
                 self._reject(f"pull for unknown message kind {m.want_kind}")
                 return
-            if m.public and m.want_kind == Kind.GRAD_PART and m.sender == self.aggregators.get(m.index):
+            if m.public and m.want_kind == Kind.GRAD_PART and m.sender == self.st.aggregators.get(m.index):
                 self._add_public(s)
             self._on_pull(m)
             return
         if m.kind == Kind.ACCUSE:
-            if s.msg_digest in self.accusations:
+            if s.msg_digest in self.st.accusations:
                 return
-            if self._accusations_from[m.sender] >= MAX_ACCUSATIONS_PER_SENDER:
+            if self.st.accusations_from[m.sender] >= MAX_ACCUSATIONS_PER_SENDER:
                 self._reject("too many accusations from one sender")
                 return
-            self._accusations_from[m.sender] += 1
-            self.accusations[s.msg_digest] = s
+            self.st.accusations_from[m.sender] += 1
+            self.st.accusations[s.msg_digest] = s
             self._audit("msg", s)
             self._feed(s)
             return
@@ -605,20 +586,20 @@ class BtardPeer:
         if not self._role_ok(m):
             self._reject(f"{m.kind.name} from {short_id(m.sender)} does not fit its role")
             return
-        problem = shape_problem(m, len(self.bounds), self.cfg.num_projections)
+        problem = shape_problem(m, len(self.st.bounds), self.cfg.num_projections)
         if problem is not None:  # signed and malformed for this step: evidence against its sender
             self._reject(f"{m.kind.name} from {short_id(m.sender)}: {problem}")
             self._audit("msg", s)
             self._accuse(m.sender, Reason.BAD_SHAPE, 0, (s,), self.step)
             return
         if m.kind == Kind.GRAD_PART and self.phase != Phase.COMMIT:
-            agg = self.aggregators.get(m.part)
+            agg = self.st.aggregators.get(m.part)
             if agg != self.id or (m.sender, m.part) in self._my_public_pulls():
                 self._add_public(s)  # a public re-send (only the aggregator gets parts otherwise)
             if agg != self.id:
                 return
         slot = m.slot()
-        vers = self._versions.get(slot, [])
+        vers = self.st.versions.get(slot, [])
         if any(v.msg_digest == s.msg_digest for v in vers):
             return
         of_phase = KIND_PHASE.get(m.kind)
@@ -626,7 +607,7 @@ class BtardPeer:
         if vers:
             self._audit("msg", s)
             self._accuse(m.sender, Reason.EQUIVOCATION, getattr(m, "part", 0), (vers[0], s), self.step)
-            listed = self._ag is not None and s.msg_digest in self._ag.listers
+            listed = self.st.ag is not None and s.msg_digest in self.st.ag.listers
             if not closed and (len(vers) < MAX_VERSIONS or listed):
                 # Versions go to the agreement (beyond two only those some member listed, so memory stays
                 # bounded by the round messages): if two are agreed, the slot is void everywhere.
@@ -643,19 +624,19 @@ class BtardPeer:
             if self.phase == Phase.SCATTER:
                 self._verify_part(s)
         elif m.kind in (Kind.AGG_PART, Kind.AGG_COMMIT):
-            self._agg_cache.pop(m.part, None)
+            self.st.agg_cache.pop(m.part, None)
             self._check_agg_pair(m.part)
         elif m.kind == Kind.MPRNG_REVEAL:
             self._check_reveal(m.sender)
         elif m.kind == Kind.GRAD_COMMIT:
-            for j in range(len(self.bounds)):
-                if self.aggregators.get(j) == self.id and (Kind.GRAD_PART, m.sender, j) in self.slots:
-                    self._verify_part(self.slots[(Kind.GRAD_PART, m.sender, j)])
+            for j in range(len(self.st.bounds)):
+                if self.st.aggregators.get(j) == self.id and (Kind.GRAD_PART, m.sender, j) in self.st.slots:
+                    self._verify_part(self.st.slots[(Kind.GRAD_PART, m.sender, j)])
 
     def _my_public_pulls(self) -> set[tuple[bytes, int]]:
         return {
             (x.msg.origin, x.msg.index)
-            for x in self.public.values()
+            for x in self.st.public.values()
             if x.msg.kind == Kind.PULL and x.msg.sender == self.id and x.msg.public
         }
 
@@ -665,11 +646,11 @@ class BtardPeer:
                 return False
             if m.kind == Kind.GRAD_PART and self.on_probation(m.sender):
                 return False
-            return m.kind != Kind.GRAD_PART or 0 <= m.part < len(self.bounds)
+            return m.kind != Kind.GRAD_PART or 0 <= m.part < len(self.st.bounds)
         if m.kind in (Kind.AGG_COMMIT, Kind.AGG_PART):
-            if not 0 <= m.part < len(self.bounds):
+            if not 0 <= m.part < len(self.st.bounds):
                 return False
-            agg = self.aggregators.get(m.part)
+            agg = self.st.aggregators.get(m.part)
             return agg == m.sender if agg is not None else self._is_contributor(m.sender)
         return True
 
@@ -680,13 +661,13 @@ class BtardPeer:
             self._reject(f"round message for phase {m.phase} round {m.round}")
             return
         key = (m.sender, m.phase, m.round)
-        if self._round_versions.get(key, 0) >= MAX_VERSIONS:
+        if self.st.round_versions.get(key, 0) >= MAX_VERSIONS:
             return
-        self._round_versions[key] = self._round_versions.get(key, 0) + 1
+        self.st.round_versions[key] = self.st.round_versions.get(key, 0) + 1
         if m.phase > self.phase:
-            self._early_rounds.append(s)  # bounded: MAX_VERSIONS per (sender, phase, round)
+            self.st.early_rounds.append(s)  # bounded: MAX_VERSIONS per (sender, phase, round)
             return
-        ag = self._ag
+        ag = self.st.ag
         if m.phase < self.phase or ag is None or ag.closed:
             return  # that phase's set is final
         ag.on_round_message(m.sender, m.round, s.msg_digest, m.entries, s.raw)
@@ -696,13 +677,13 @@ class BtardPeer:
     def _pull_wanted(self, now: float) -> None:
         """Pull every listed item that could still be accepted and is not held: from its listers when due
         (an aggregated part after a grace, as it is usually on its way), then once from every member."""
-        ag = self._ag
+        ag = self.st.ag
         if ag is None or ag.closed:
             return
-        self._pull_due.clear()
+        self.st.pull_due.clear()
         by_digest = self.phase == Phase.ACCUSE
         for h, (kind, origin, idx), listers in ag.wanted():
-            since = self._want_since.setdefault(h, now)
+            since = self.st.want_since.setdefault(h, now)
             due = since
             if kind == Kind.AGG_PART and origin not in ag.heard.get(2, ()):
                 due = since + PART_PULL_GRACE * self.phase_timeout
@@ -714,25 +695,27 @@ class BtardPeer:
                 h if by_digest else origin,
                 0 if by_digest else idx,
             )
-            ask = [p for p in listers if p != self.id and (h, p) not in self._pulled]
+            ask = [p for p in listers if p != self.id and (h, p) not in self.st.pulled]
             if ask and now >= due:
                 for holder in ask:
-                    self._pulled.add((h, holder))
+                    self.st.pulled.add((h, holder))
                     self._send_to(holder, pull)
                 ask = []
             retry = since + REPULL_AFTER * self.phase_timeout
-            if h not in self._repulled and now >= retry:
-                self._repulled.add(h)  # the first pull (or its answer) may have been lost: ask everyone once
+            if h not in self.st.repulled and now >= retry:
+                self.st.repulled.add(
+                    h
+                )  # the first pull (or its answer) may have been lost: ask everyone once
                 self._broadcast(pull)
-            elif h not in self._repulled:
-                self._pull_due[h] = min(due, retry) if ask else retry
+            elif h not in self.st.repulled:
+                self.st.pull_due[h] = min(due, retry) if ask else retry
 
     def _public_senders(self, kind: Kind) -> set[bytes]:
         """Senders of this step's public items of `kind` (JOIN, LEAVE)."""
-        return {x.msg.sender for x in self.public.values() if x.msg.kind == kind}
+        return {x.msg.sender for x in self.st.public.values() if x.msg.kind == kind}
 
     def _public_items(self) -> dict[bytes, Signed]:
-        return {**self.accusations, **self.public}
+        return {**self.st.accusations, **self.st.public}
 
     @staticmethod
     def _slot_key(kind: int, origin: bytes, idx: int) -> tuple:
@@ -753,17 +736,17 @@ class BtardPeer:
         if not self.behaviour.answers_pulls(self):
             return
         if m.want_kind == Kind.ACCUSE:  # by digest: accusations and public items
-            item = self.accusations.get(m.origin) or self.public.get(m.origin)
+            item = self.st.accusations.get(m.origin) or self.st.public.get(m.origin)
             found = [item] if item is not None else []
         else:  # by slot: every version held (an equivocation's second version is an item too)
-            found = list(self._versions.get(self._slot_key(m.want_kind, m.origin, m.index), ()))
+            found = list(self.st.versions.get(self._slot_key(m.want_kind, m.origin, m.index), ()))
         if m.public:
             # The public re-send request for a missing gradient part: its owner re-sends it to everyone.
-            if m.origin == self.id and self.gradient is not None and 0 <= m.index < len(self.bounds):
-                a, b = self.bounds[m.index]
+            if m.origin == self.id and self.st.gradient is not None and 0 <= m.index < len(self.st.bounds):
+                a, b = self.st.bounds[m.index]
                 key = (Kind.GRAD_PART, self.id, m.index)
-                s = self.slots.get(key) or self._sign(
-                    GradPart.of(self.cfg.run_id, self.step, self.id, m.index, self.gradient[a:b])
+                s = self.st.slots.get(key) or self._sign(
+                    GradPart.of(self.cfg.run_id, self.step, self.id, m.index, self.st.gradient[a:b])
                 )
                 self._add_public(s)
                 self._outbox.append(Send(self._others(), s.raw))
@@ -773,14 +756,14 @@ class BtardPeer:
 
     # ------------------------------------------------------------------ parts
     def _expected_part_len(self, j: int) -> int:
-        a, b = self.bounds[j]
+        a, b = self.st.bounds[j]
         return b - a
 
     def _verify_part(self, s: Signed) -> bool:
         """Aggregator-side checks of a received part; accuses with evidence and excludes it when bad."""
         m: GradPart = s.msg
         j = m.part
-        commit = self.slots.get((Kind.GRAD_COMMIT, m.sender, 0))
+        commit = self.st.slots.get((Kind.GRAD_COMMIT, m.sender, 0))
         if len(m.data) // 4 != self._expected_part_len(j):
             self._accuse(m.sender, Reason.BAD_SHAPE, j, (s,), self.step)
             return False
@@ -790,14 +773,14 @@ class BtardPeer:
         if commit is None:
             return False
         h = m.data_digest("grad-part", self.cfg.run_id, self.step, m.sender, j)
-        if len(commit.msg.part_hashes) != len(self.bounds) or commit.msg.part_hashes[j] != h:
+        if len(commit.msg.part_hashes) != len(self.st.bounds) or commit.msg.part_hashes[j] != h:
             self._accuse(m.sender, Reason.COMMIT_MISMATCH, j, (commit, s), self.step)
             return False
         return True
 
     def _check_agg_pair(self, j: int) -> None:
-        c = self.slots.get((Kind.AGG_COMMIT, self.aggregators.get(j, b""), j))
-        p = self.slots.get((Kind.AGG_PART, self.aggregators.get(j, b""), j))
+        c = self.st.slots.get((Kind.AGG_COMMIT, self.st.aggregators.get(j, b""), j))
+        p = self.st.slots.get((Kind.AGG_PART, self.st.aggregators.get(j, b""), j))
         if c is None or p is None:
             return
         h = p.msg.data_digest("agg-part", self.cfg.run_id, self.step, p.msg.sender, j)
@@ -809,8 +792,8 @@ class BtardPeer:
             self._accuse(p.msg.sender, Reason.NONFINITE, j, (p,), self.step)
 
     def _check_reveal(self, sender: bytes) -> None:
-        c = self.slots.get((Kind.MPRNG_COMMIT, sender, 0))
-        r = self.slots.get((Kind.MPRNG_REVEAL, sender, 0))
+        c = self.st.slots.get((Kind.MPRNG_COMMIT, sender, 0))
+        r = self.st.slots.get((Kind.MPRNG_REVEAL, sender, 0))
         if (
             c is not None
             and r is not None
@@ -831,7 +814,7 @@ class BtardPeer:
             return {(Kind.GRAD_COMMIT, p, 0) for p in self.contributors}
         if phase == Phase.AGGREGATE:
             exp = set()
-            for j, a in self.aggregators.items():
+            for j, a in self.st.aggregators.items():
                 exp.add((Kind.AGG_COMMIT, a, j))
                 exp.add((Kind.AGG_PART, a, j))
             return exp
@@ -839,25 +822,25 @@ class BtardPeer:
             return {(Kind.MPRNG_COMMIT, p, 0) for p in self._live()}
         if phase == Phase.MPRNG_REVEAL:
             return {
-                (Kind.MPRNG_REVEAL, p, 0) for p in self._live() if (Kind.MPRNG_COMMIT, p, 0) in self.slots
+                (Kind.MPRNG_REVEAL, p, 0) for p in self._live() if (Kind.MPRNG_COMMIT, p, 0) in self.st.slots
             }
         if phase == Phase.PROJ:
-            return {(Kind.PROJ, p, 0) for p in self.committed}
+            return {(Kind.PROJ, p, 0) for p in self.st.committed}
         return set()
 
     def _live(self) -> tuple[bytes, ...]:
         """Members minus contributors that never committed (fixed once the commit barrier closed)."""
-        if self._live_cache is None or self.phase <= Phase.COMMIT:
-            silent_contrib = set(self.contributors) - set(self.committed)
-            self._live_cache = tuple(p for p in self.members if p not in silent_contrib)
-        return self._live_cache
+        if self.st.live_cache is None or self.phase <= Phase.COMMIT:
+            silent_contrib = set(self.contributors) - set(self.st.committed)
+            self.st.live_cache = tuple(p for p in self.members if p not in silent_contrib)
+        return self.st.live_cache
 
     def _step_phase(self, now: float) -> None:
         ph = self.phase
         if ph == Phase.SCATTER:
             self._scatter_progress(now)
             return
-        ag = self._ag
+        ag = self.st.ag
         if ag is None or ph not in BARRIER_KINDS:
             return
         self._pull_wanted(now)
@@ -868,7 +851,7 @@ class BtardPeer:
             live = tuple(p for p in self._others() if p in alive)
         while not ag.closed:
             passed = now >= ag.deadline()
-            if not passed and not ag.round_complete(live, bool(self._missing)):
+            if not passed and not ag.round_complete(live, bool(self.st.missing)):
                 return
             out = ag.end_round(live, passed)
             if out is None:
@@ -882,63 +865,65 @@ class BtardPeer:
     def _finalize_phase(self, ph: Phase) -> None:
         """Keep exactly the agreed items of the phase that closed: a slot with one agreed version holds it, a
         slot with none is empty (whatever arrived here), a slot with two is void and proves equivocation."""
-        agreed = self._ag.agreed()
-        self._agreed_all |= agreed
-        self._pull_due.clear()
+        agreed = self.st.ag.agreed()
+        self.st.agreed_all |= agreed
+        self.st.pull_due.clear()
         if ph == Phase.ACCUSE:
             self._carry = [
                 x.msg
-                for d, x in self.accusations.items()
+                for d, x in self.st.accusations.items()
                 if d not in agreed and x.msg.sender == self.id and x.msg.step == self.step
             ]
-            self.accusations = {d: x for d, x in self.accusations.items() if d in agreed}
-            self.public = {d: x for d, x in self.public.items() if d in agreed}
+            self.st.accusations = {d: x for d, x in self.st.accusations.items() if d in agreed}
+            self.st.public = {d: x for d, x in self.st.public.items() if d in agreed}
             return
         kinds = BARRIER_KINDS[ph]
-        for slot, vers in self._versions.items():
+        for slot, vers in self.st.versions.items():
             if slot[0] not in kinds:
                 continue
             acc = sorted((v for v in vers if v.msg_digest in agreed), key=lambda v: v.msg_digest)
             if len(acc) == 1:
-                self.slots[slot] = acc[0]
+                self.st.slots[slot] = acc[0]
             else:
-                self.slots.pop(slot, None)
+                self.st.slots.pop(slot, None)
                 if len(acc) >= 2:
-                    self._equivocated[slot] = (acc[0], acc[1])
+                    self.st.equivocated[slot] = (acc[0], acc[1])
             if slot[0] in (Kind.AGG_PART, Kind.AGG_COMMIT):
-                self._agg_cache.pop(slot[2], None)
+                self.st.agg_cache.pop(slot[2], None)
 
     def _close(self, ph: Phase, now: float) -> None:
         if ph == Phase.COMMIT:
-            self.committed = tuple(p for p in self.contributors if (Kind.GRAD_COMMIT, p, 0) in self.slots)
+            self.st.committed = tuple(
+                p for p in self.contributors if (Kind.GRAD_COMMIT, p, 0) in self.st.slots
+            )
             self._assign_aggregators()
             self._enter(NEXT_PHASE[ph], now)
-            self._scatter_deadlines = [
-                self._t0 + (phase_start(Phase.SCATTER, self.rounds) + 1) * self.phase_timeout
+            self.st.scatter_deadlines = [
+                self.st.t0 + (phase_start(Phase.SCATTER, self.rounds) + 1) * self.phase_timeout
             ]
             self._send_parts()
         elif ph == Phase.AGGREGATE:
             self._resend_omitted_parts()
             self._enter(NEXT_PHASE[ph], now)
-            self._secret = self._secret_source(32)
+            self.st.secret = self._secret_source(32)
             self._broadcast(
                 MprngCommit(
                     self.cfg.run_id,
                     self.step,
                     self.id,
-                    mprng_digest(self.cfg.run_id, self.step, self.id, self._secret),
+                    mprng_digest(self.cfg.run_id, self.step, self.id, self.st.secret),
                     self._phase_hint_ms,
                 )
             )
         elif ph == Phase.MPRNG_COMMIT:
             self._enter(NEXT_PHASE[ph], now)
-            secret = self.behaviour.mprng_reveal(self, self._secret)
+            secret = self.behaviour.mprng_reveal(self, self.st.secret)
             if secret is not None:
                 self._broadcast(MprngReveal(self.cfg.run_id, self.step, self.id, secret))
         elif ph == Phase.MPRNG_REVEAL:
-            self.r = self._shared_random()
+            self.st.r = self._shared_random()
             self._enter(NEXT_PHASE[ph], now)
-            if self.gradient is not None and self.id in self.committed:
+            if self.st.gradient is not None and self.id in self.st.committed:
                 self._send_projections()
         elif ph == Phase.PROJ:
             self._check_reports()
@@ -951,31 +936,31 @@ class BtardPeer:
         peer out although it had to be aggregated. Whether an owner is silent is judged against that agreed
         commit (`decision._excluded`), which every honest peer holds before it enters ACCUSE, so the re-send is
         in its own manifest and agreed; a public PULL may reach the owner only inside the ACCUSE agreement."""
-        if self.gradient is None or self.id not in self.committed or self.on_probation(self.id):
+        if self.st.gradient is None or self.id not in self.st.committed or self.on_probation(self.id):
             return
         if not self.behaviour.answers_pulls(self):
             return
-        for j, a in sorted(self.aggregators.items()):
-            c = self.slots.get((Kind.AGG_COMMIT, a, j))
+        for j, a in sorted(self.st.aggregators.items()):
+            c = self.st.slots.get((Kind.AGG_COMMIT, a, j))
             if a == self.id or c is None or self.id in c.msg.included:
                 continue
-            lo, hi = self.bounds[j]
-            s = self.slots.get((Kind.GRAD_PART, self.id, j)) or self._sign(
-                GradPart.of(self.cfg.run_id, self.step, self.id, j, self.gradient[lo:hi])
+            lo, hi = self.st.bounds[j]
+            s = self.st.slots.get((Kind.GRAD_PART, self.id, j)) or self._sign(
+                GradPart.of(self.cfg.run_id, self.step, self.id, j, self.st.gradient[lo:hi])
             )
-            if s.msg_digest not in self.public:
+            if s.msg_digest not in self.st.public:
                 self._add_public(s)
                 self._outbox.append(Send(self._others(), s.raw))
 
     def _assign_aggregators(self) -> None:
-        self.aggregators = assign_aggregators(self.order, self.committed)
+        self.st.aggregators = assign_aggregators(self.st.order, self.st.committed)
 
     def _send_parts(self) -> None:
-        if self.gradient is None or self.id not in self.committed or self.on_probation(self.id):
+        if self.st.gradient is None or self.id not in self.st.committed or self.on_probation(self.id):
             return
-        for j, (a, b) in enumerate(self.bounds):
-            dest = self.aggregators[j]
-            part = self.behaviour.grad_part(self, j, dest, self.gradient[a:b])
+        for j, (a, b) in enumerate(self.st.bounds):
+            dest = self.st.aggregators[j]
+            part = self.behaviour.grad_part(self, j, dest, self.st.gradient[a:b])
             if part is None:
                 continue
             msg = GradPart.of(self.cfg.run_id, self.step, self.id, j, part)
@@ -986,52 +971,52 @@ class BtardPeer:
                 self._send_to(dest, msg)
 
     def _my_parts(self) -> list[int]:
-        return [j for j, a in self.aggregators.items() if a == self.id]
+        return [j for j, a in self.st.aggregators.items() if a == self.id]
 
     def _scatter_progress(self, now: float) -> None:
         """As aggregator: wait for my parts; at the first deadline ask publicly for the missing ones (their
         owners must re-send them to everyone); aggregate each part when complete or at the second deadline."""
-        public_round = len(self._scatter_deadlines) > 1
+        public_round = len(self.st.scatter_deadlines) > 1
         missing: dict[int, list[bytes]] = {}
         for j in self._my_parts():
-            if j in self._my_parts_done:
+            if j in self.st.my_parts_done:
                 continue
-            lacking = [p for p in self._expected_senders(j) if (Kind.GRAD_PART, p, j) not in self.slots]
-            if not lacking or (public_round and now >= self._scatter_deadlines[-1]):
+            lacking = [p for p in self._expected_senders(j) if (Kind.GRAD_PART, p, j) not in self.st.slots]
+            if not lacking or (public_round and now >= self.st.scatter_deadlines[-1]):
                 self._aggregate(j)
             else:
                 missing[j] = lacking
         if not missing:
-            self._scatter_deadlines = []
+            self.st.scatter_deadlines = []
             self._enter(NEXT_PHASE[Phase.SCATTER], now)
             return
-        if not public_round and now >= self._scatter_deadlines[0]:
-            self._scatter_deadlines.append(
-                self._t0 + phase_start(Phase.AGGREGATE, self.rounds) * self.phase_timeout
+        if not public_round and now >= self.st.scatter_deadlines[0]:
+            self.st.scatter_deadlines.append(
+                self.st.t0 + phase_start(Phase.AGGREGATE, self.rounds) * self.phase_timeout
             )
             for j, lacking in missing.items():
                 for p in lacking:
                     pull = self._broadcast(
                         Pull(self.cfg.run_id, self.step, self.id, int(Kind.GRAD_PART), p, j, True)
                     )
-                    self.public[pull.msg_digest] = pull
+                    self.st.public[pull.msg_digest] = pull
 
     def _expected_senders(self, j: int) -> list[bytes]:
         """Whose part j the aggregator must include: committed senders not proven bad for part j."""
         bad = self._proven_bad_part(j)
-        return [p for p in self.committed if p not in bad and not self.on_probation(p)]
+        return [p for p in self.st.committed if p not in bad and not self.on_probation(p)]
 
     def _declared(self, j: int) -> tuple[bytes, ...]:
         """The senders part j's aggregator declared it aggregated (from its AGG_COMMIT)."""
-        c = self.slots.get((Kind.AGG_COMMIT, self.aggregators.get(j, b""), j))
+        c = self.st.slots.get((Kind.AGG_COMMIT, self.st.aggregators.get(j, b""), j))
         return c.msg.included if c is not None else ()
 
     def _publicly_pulled(self, j: int) -> set[bytes]:
         """Senders part j's aggregator asked publicly to re-send part j."""
-        agg = self.aggregators.get(j)
+        agg = self.st.aggregators.get(j)
         return {
             s.msg.origin
-            for s in self.public.values()
+            for s in self.st.public.values()
             if s.msg.kind == Kind.PULL and s.msg.sender == agg and s.msg.index == j and s.msg.public
         }
 
@@ -1039,15 +1024,15 @@ class BtardPeer:
         """Whether `p` re-sent part j publicly (an agreed public item: the aggregator's own copy is no proof)."""
         return any(
             s.msg.kind == Kind.GRAD_PART and s.msg.sender == p and s.msg.part == j
-            for s in self.public.values()
+            for s in self.st.public.values()
         )
 
     def _proven_bad_part(self, j: int) -> set[bytes]:
         """Senders that part j's aggregator proved bad for part j of this step (a bad signed part)."""
-        agg = self.aggregators.get(j)
+        agg = self.st.aggregators.get(j)
         return {
             s.msg.accused
-            for s in self.accusations.values()
+            for s in self.st.accusations.values()
             if s.msg.sender == agg
             and s.msg.part == j
             and s.msg.about_step == self.step
@@ -1057,23 +1042,26 @@ class BtardPeer:
         }
 
     def _aggregate(self, j: int) -> None:
-        self._my_parts_done.add(j)
+        self.st.my_parts_done.add(j)
         senders = [
             p
             for p in self._expected_senders(j)
-            if (Kind.GRAD_PART, p, j) in self.slots and self._verify_part(self.slots[(Kind.GRAD_PART, p, j)])
+            if (Kind.GRAD_PART, p, j) in self.st.slots
+            and self._verify_part(self.st.slots[(Kind.GRAD_PART, p, j)])
         ]
         length = self._expected_part_len(j)
         if senders:
             x = torch.from_numpy(  # one copy of the received bytes into a new (senders, length) tensor
-                np.stack([np.frombuffer(self.slots[(Kind.GRAD_PART, p, j)].msg.data, "<f4") for p in senders])
+                np.stack(
+                    [np.frombuffer(self.st.slots[(Kind.GRAD_PART, p, j)].msg.data, "<f4") for p in senders]
+                )
             )
             res = centered_clip(
                 x, self.cfg.tau, lam=self.cfg.lam, eps_rel=self.cfg.eps_rel, max_iter=self.cfg.max_iter
             )
             agg = res.value.to(torch.float32)
-            self._clip_iters += res.iterations
-            self._clipped += res.n_clipped
+            self.st.clip_iters += res.iterations
+            self.st.clipped += res.n_clipped
         else:
             agg = torch.zeros(length)
         committed_value = self.behaviour.agg_commit_value(self, j, agg)
@@ -1100,18 +1088,18 @@ class BtardPeer:
 
     # ------------------------------------------------------------------ MPRNG and projections
     def _shared_random(self) -> bytes:
-        return shared_random(self.cfg, self._prior, self.slots)
+        return shared_random(self.cfg, self._prior, self.st.slots)
 
     def _aggregate_part(self, j: int) -> torch.Tensor | None:
         """ĝ[j] as received, if its commit and part match, it has the right length and is finite (cached)."""
-        if j not in self._agg_cache:
-            self._agg_cache[j] = self._load_aggregate_part(j)
-        return self._agg_cache[j]
+        if j not in self.st.agg_cache:
+            self.st.agg_cache[j] = self._load_aggregate_part(j)
+        return self.st.agg_cache[j]
 
     def _load_aggregate_part(self, j: int) -> torch.Tensor | None:
-        a = self.aggregators.get(j)
-        p = self.slots.get((Kind.AGG_PART, a, j))
-        c = self.slots.get((Kind.AGG_COMMIT, a, j))
+        a = self.st.aggregators.get(j)
+        p = self.st.slots.get((Kind.AGG_PART, a, j))
+        c = self.st.slots.get((Kind.AGG_COMMIT, a, j))
         if p is None or c is None:
             return None
         if len(p.msg.data) // 4 != self._expected_part_len(j):
@@ -1122,18 +1110,18 @@ class BtardPeer:
 
     def _zs(self) -> list[torch.Tensor]:
         return [
-            self._zcache.get(self.r, j, b - a, self.cfg.num_projections)
-            for j, (a, b) in enumerate(self.bounds)
+            self._zcache.get(self.st.r, j, b - a, self.cfg.num_projections)
+            for j, (a, b) in enumerate(self.st.bounds)
         ]
 
     def _send_projections(self) -> None:
         zs = self._zs()
-        norms = np.zeros(len(self.bounds))
-        projs = np.zeros((len(self.bounds), self.cfg.num_projections))
-        for j, (a, b) in enumerate(self.bounds):
+        norms = np.zeros(len(self.st.bounds))
+        projs = np.zeros((len(self.st.bounds), self.cfg.num_projections))
+        for j, (a, b) in enumerate(self.st.bounds):
             agg = self._aggregate_part(j)
             if agg is not None:
-                norms[j], projs[j] = checks.project(self.gradient[a:b], agg, zs[j])
+                norms[j], projs[j] = checks.project(self.st.gradient[a:b], agg, zs[j])
         norms, projs = self.behaviour.projections(self, norms, projs)
         self._broadcast(Proj.of(self.cfg.run_id, self.step, self.id, norms, projs))
 
@@ -1145,11 +1133,11 @@ class BtardPeer:
             if agg is None:
                 continue
             for p in self._declared(j):
-                part = self.slots.get((Kind.GRAD_PART, p, j))
-                proj = self.slots.get((Kind.PROJ, p, 0))
+                part = self.st.slots.get((Kind.GRAD_PART, p, j))
+                proj = self.st.slots.get((Kind.PROJ, p, 0))
                 if part is None or proj is None or p == self.id:
                     continue
-                if not proj_entry_ok(self.cfg, proj.msg, j, part.msg, agg, zs[j], len(self.bounds)):
+                if not proj_entry_ok(self.cfg, proj.msg, j, part.msg, agg, zs[j], len(self.st.bounds)):
                     self._accuse(p, Reason.WRONG_PROJECTION, j, (part, proj), self.step)
 
     def _validate(self, target: bytes) -> None:
@@ -1206,8 +1194,8 @@ class BtardPeer:
         if step == self.step:
             return StepView(
                 self.step,
-                self.bounds,
-                {p: x for (k, p, _), x in self.slots.items() if k == Kind.GRAD_COMMIT},
+                self.st.bounds,
+                {p: x for (k, p, _), x in self.st.slots.items() if k == Kind.GRAD_COMMIT},
                 self._aggregate_part,
                 lambda j: self._zs()[j],
             )
@@ -1229,8 +1217,8 @@ class BtardPeer:
         return resolve(self.cfg, s, self.step, self._view, self._validation)
 
     def _agreed_items(self) -> Agreed:
-        slots = {k: v for k, v in self.slots.items() if k[0] in KIND_PHASE}
-        return Agreed(slots, dict(self._equivocated), dict(self.accusations), dict(self.public))
+        slots = {k: v for k, v in self.st.slots.items() if k[0] in KIND_PHASE}
+        return Agreed(slots, dict(self.st.equivocated), dict(self.st.accusations), dict(self.st.public))
 
     def _finish(self) -> None:
         """The step's decision (`decision.decide` on the agreed items), then the next step's state."""
@@ -1249,14 +1237,14 @@ class BtardPeer:
         self.banned |= {v.banned for v in out.verdicts}
         self._records[self.step] = _StepRecord(
             self.step,
-            self.r,
-            self.bounds,
+            self.st.r,
+            self.st.bounds,
             out.published,
-            {p: x for (k, p, _), x in self.slots.items() if k == Kind.GRAD_COMMIT},
-            {p: x for (k, p, _), x in self.slots.items() if k == Kind.PROJ},
+            {p: x for (k, p, _), x in self.st.slots.items() if k == Kind.GRAD_COMMIT},
+            {p: x for (k, p, _), x in self.st.slots.items() if k == Kind.PROJ},
         )
         self._records.pop(self.step - 2, None)
-        self._prev = (self.step, self.slots, self._public_items())
+        self._prev = (self.step, self.st.slots, self._public_items())
         result = StepResult(
             step=self.step,
             aggregate=out.aggregate,
@@ -1269,21 +1257,21 @@ class BtardPeer:
             failed_parts=out.failed_parts,
             missing_parts=out.missing_parts,
             unapplied_parts=out.unapplied_parts,
-            clip_iterations=self._clip_iters,
-            clipped=self._clipped,
+            clip_iterations=self.st.clip_iters,
+            clipped=self.st.clipped,
             rejected_messages=self.rejected,
             joined=out.joined,
             left=out.left,
             next_phase_timeout=out.next_phase_timeout,
             probation=dict(out.probation),
             partitioned=out.partitioned,
-            agreed=tuple(sorted(self._agreed_all)),
+            agreed=tuple(sorted(self.st.agreed_all)),
         )
         self._audit("step", result)
         self._outbox.append(result)
         # Advance to the next step (membership, shared randomness, validator roles).
         self.phase = Phase.IDLE
-        self._ag = None
+        self.st.ag = None
         if self.id in out.next_members and not out.partitioned:
             self.members = out.next_members
         self.r_prev = out.r
