@@ -30,6 +30,10 @@ Usage::
 
 `STRATEGIES` names the strategy families (each a list of `Tactic`s); `Adversary` subclasses or new tactics plug
 into `run_schedule(schedule, adversary=...)`.
+
+One file (over 1,000 lines) because the driver loop, the routing of Byzantine traffic, the tactics and the
+property check share one schedule context and its keyed randomness; splitting them would only move that
+context into module-level state.
 """
 
 from __future__ import annotations
