@@ -148,3 +148,88 @@ def test_robustness_reads_an_experiment_dir(tmp_path):
     a = rows["alie"]["bans"]["btard"]
     assert (a["banned"], a["honest_banned"], a["not_banned"]) == (1, 1, ["cc"])
     assert "| sign-flip | 0.8800 | 0.1000 | -2.00 pt | 2/2 | 7 (+2) | 9 (+4) | 0 |" in proc.stdout
+
+
+def test_robustness_worst_case_over_seeds_and_starts(tmp_path):
+    """Two --from directories (attack starts 5 and 8) × seeds 0, 1: the distribution per attack and defense —
+    mean and worst accuracy, worst Δ against the same seed's and start's no-attack run, fewest attackers banned,
+    most honest banned — and the goal (worst Δ within 1.5 pt, every attacker banned, no honest ban)."""
+
+    def summary(attack, defense, seed, acc, banned=None, honest=(), halted=None):
+        return {
+            "attack": attack,
+            "defense": defense,
+            "seed": seed,
+            "byzantine": 2 if attack != "none" else 0,
+            "final_accuracy": acc,
+            "byzantine_banned": banned or {},
+            "byzantine_not_banned": [],
+            "honest_banned": list(honest),
+            "halted": halted,
+        }
+
+    grids = {
+        5: [
+            summary("none", "btard", 0, 0.90),
+            summary("none", "btard", 1, 0.92),
+            summary("none", "mean", 0, 0.91),
+            summary("none", "mean", 1, 0.93),
+            summary("alie", "btard", 0, 0.89, {"aa": 7, "bb": 9}),
+            summary("alie", "btard", 1, 0.91, {"aa": 6, "bb": 6}),
+            summary("alie", "mean", 0, 0.50),
+            summary("alie", "mean", 1, 0.60),
+        ],
+        8: [
+            summary("none", "btard", 0, 0.95),  # a better baseline: the same accuracy is a larger drop
+            summary("none", "btard", 1, 0.92),
+            summary("none", "mean", 0, 0.91),
+            summary("none", "mean", 1, 0.93),
+            summary("alie", "btard", 0, 0.91, {"aa": 20}, [{"step": 9, "peer": "dd", "byzantine": False}]),
+            summary("alie", "btard", 1, 0.92, {"aa": 9, "bb": 10}),
+            summary("alie", "mean", 0, 0.40),
+            summary("alie", "mean", 1, 0.70),
+        ],
+    }
+    dirs = []
+    for start, runs in grids.items():
+        d = tmp_path / f"start{start}"
+        d.mkdir()
+        cfg = {"task": "t", "peers": 7, "byzantine": 2, "steps": 30, "attack_start": start}
+        (d / "results.json").write_text(
+            json.dumps({"config": cfg | {"defenses": ["btard", "mean"]}, "runs": runs})
+        )
+        dirs += ["--from", str(d)]
+    out = tmp_path / "robustness.json"
+    proc = run("robustness.py", *dirs, "--out", str(out), timeout=60)
+    r = json.loads(out.read_text())
+    assert r["attack_starts"] == [5, 8] and r["seeds"] == [0, 1] and len(r["rows"]) == 8
+    s = {(e["attack"], e["defense"]): e for e in r["summary"]}
+    bt = s[("alie", "btard")]
+    assert bt["runs"] == 4
+    assert bt["mean_accuracy"] == pytest.approx((0.89 + 0.91 + 0.91 + 0.92) / 4)
+    assert bt["worst_accuracy"] == pytest.approx(0.89) and bt["worst_accuracy_at"] == {
+        "seed": 0,
+        "attack_start": 5,
+    }
+    # worst Δ: 0.91 against start 8's own baseline 0.95, not the lowest accuracy
+    assert bt["worst_delta_pt"] == pytest.approx(-4.0) and bt["worst_delta_at"] == {
+        "seed": 0,
+        "attack_start": 8,
+    }
+    assert bt["mean_delta_pt"] == pytest.approx((-1 - 1 - 4 + 0) / 4)
+    assert (bt["attackers_banned_min"], bt["byzantine"], bt["honest_banned_max"]) == (1, 2, 1)
+    assert bt["not_all_banned_at"] == [{"seed": 0, "attack_start": 8, "banned": 1, "byzantine": 2}]
+    assert bt["last_ban_after_attack_max"] == 12  # step 20, attack from 8
+    assert not bt["goal_met"]
+    assert set(bt["goal_failures"]) == {"worst Δ below −1.5 pt", "attacker not banned", "honest peer banned"}
+    mean = s[("alie", "mean")]
+    assert mean["worst_accuracy"] == pytest.approx(0.40) and mean["worst_delta_pt"] == pytest.approx(-51.0)
+    assert "goal_met" not in mean and "attackers_banned_min" not in mean
+    assert s[("none", "btard")]["goal_met"] and s[("none", "btard")]["honest_banned_max"] == 0
+    assert (
+        "| alie | btard | 4 | 0.9075 | 0.8900 (s0, t5) | -1.50 pt | -4.00 pt (s0, t8) | 1/2 | +12 | 1 |"
+        in (proc.stdout)
+    )
+    assert (
+        "| alie (seed 1, start 8) | 0.9200 | 0.7000 | +0.00 pt | 2/2 | 9 (+1) | 10 (+2) | 0 |" in proc.stdout
+    )
