@@ -39,6 +39,7 @@ bench: setup
 	$(BIN)/python benchmarks/allreduce.py
 	$(BIN)/python benchmarks/sim_throughput.py --task mnist --peers 16 --steps 20 --threads 1
 	$(BIN)/python benchmarks/robustness.py $(if $(wildcard runs/mnist-grid/results.json),--from runs/mnist-grid,--quick)
+	$(BIN)/python benchmarks/agreement_search.py --schedules 800
 
 # The paper-style experiment of the simulator issue (about 30 minutes on 2 cores).
 experiment: setup

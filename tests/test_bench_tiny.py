@@ -233,3 +233,25 @@ def test_robustness_worst_case_over_seeds_and_starts(tmp_path):
     assert (
         "| alie (seed 1, start 8) | 0.9200 | 0.7000 | +0.00 pt | 2/2 | 9 (+1) | 10 (+2) | 0 |" in proc.stdout
     )
+
+
+def test_agreement_search_tiny(tmp_path):
+    out = tmp_path / "agreement.json"
+    proc = run(
+        "agreement_search.py",
+        "--schedules",
+        "16",
+        "--seed-start",
+        "500",
+        "--workers",
+        "1",
+        "--out",
+        str(out),
+        timeout=240,
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["strategy"] for r in rows} >= {"withhold", "equivocate", "late-part", "mixed"}
+    assert sum(r["schedules"] for r in rows) == 16
+    for r in rows:
+        assert r["split"] == r["honest-ban"] == r["crash"] == r["stuck"] == 0, r
+    assert "| strategy |" in proc.stdout
