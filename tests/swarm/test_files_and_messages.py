@@ -162,3 +162,12 @@ def test_adam_state_travels_in_a_state_message_and_hashes_the_same():
     again.load_state_dict(loaded)
     assert int(again.state_dict()["step"]) == 3
     assert training_state_digest(p, again.state_dict()) == training_state_digest(p, opt.state_dict())
+
+
+def test_ban_explanations_are_looked_up_by_code():
+    from btard.protocol.events import BanReason
+    from btard.swarm.launcher import EXPLANATIONS, explain
+
+    assert set(EXPLANATIONS) == set(BanReason)  # every reason a verdict can carry is explained
+    assert "validator" in explain({"code": "validation", "reason": "anything"})
+    assert explain({"reason": "no code: an older metrics line"}) == ""

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from btard.crypto import Identity
+from btard.protocol.events import BanReason
 
 START_TIMEOUT_S = 90.0  # importing torch and hivemind and starting p2pd, on a loaded 2-core machine
 LINGER_S = 3.0  # how long non-honest peers may run on after the last honest peer exited
@@ -402,23 +403,27 @@ def plot(cfg: SwarmConfig, peers: list[PeerRun], report: dict, path: Path) -> No
     plt.close(fig)
 
 
-# What each verdict means, for the summary (matched by substring of the verdict's reason).
-EXPLANATIONS = [
-    ("false accusation", "it accused an honest peer with evidence that proves nothing"),
-    ("validation", "a validator recomputed its gradient from the public seed: it had sent something else"),
-    ("fails the projection check", "its aggregate is not the CenteredClip of the parts it received"),
-    ("declares the wrong inputs", "its aggregate left out (or added) senders' parts"),
-    ("commit-mismatch", "it sent a gradient part that differs from its signed commitment"),
-    ("equivocation", "it signed two different messages for one slot"),
-    ("mprng-mismatch", "its revealed random secret does not match its commitment"),
-    ("wrong-projection", "it reported false projections of its gradient"),
-    ("nonfinite", "it sent NaN/Inf values"),
-    ("bad-shape", "it sent a part of the wrong size"),
-]
+# What each verdict means, for the summary, by its `BanReason` code.
+EXPLANATIONS = {
+    BanReason.FALSE_ACCUSATION: "it accused an honest peer with evidence that proves nothing",
+    BanReason.VALIDATION: "a validator recomputed its gradient from the public seed: it had sent something else",
+    BanReason.FAILED_CHECK: "its aggregate is not the CenteredClip of the parts it received",
+    BanReason.WRONG_INPUTS: "its aggregate left out (or added) senders' parts",
+    BanReason.COMMIT_MISMATCH: "it sent a gradient part that differs from its signed commitment",
+    BanReason.EQUIVOCATION: "it signed two different messages for one slot",
+    BanReason.MPRNG_MISMATCH: "its revealed random secret does not match its commitment",
+    BanReason.WRONG_PROJECTION: "it reported false projections of its gradient",
+    BanReason.NONFINITE: "it sent NaN/Inf values",
+    BanReason.BAD_SHAPE: "it sent a part, commit or report that does not fit the step",
+}
 
 
-def explain(reason: str) -> str:
-    return next((why for key, why in EXPLANATIONS if key in reason), "")
+def explain(ban: dict) -> str:
+    """What a ban recorded in a metrics line means (by its code; empty for an unknown one)."""
+    try:
+        return EXPLANATIONS[BanReason(ban.get("code"))]
+    except ValueError:
+        return ""
 
 
 def format_report(report: dict, root: Path) -> str:
@@ -427,7 +432,7 @@ def format_report(report: dict, root: Path) -> str:
         if p["banned"]:
             b = p["banned"]
             by = f", accused by {b['accuser']}" if b["accuser"] else ""
-            why = explain(b["reason"])
+            why = explain(b)
             fate = f"BANNED at step {b['step'] + 1}: {b['reason']}{by}" + (f"\n{'':42}({why})" if why else "")
         elif p["excluded_at"] is not None:
             fate = f"excluded at step {p['excluded_at'] + 1} (went silent)"

@@ -940,6 +940,7 @@ def _step_record(
             {
                 "peer": short_id(v.banned),
                 "peer_id": v.banned.hex(),
+                "code": v.code.value,
                 "reason": v.reason,
                 "accuser": short_id(v.accuser) if v.accuser else None,
             }
