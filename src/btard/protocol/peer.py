@@ -13,6 +13,7 @@ running agreement and the outbox; what it decides, it decides through those pure
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -1245,27 +1246,15 @@ class BtardPeer:
         )
         self._records.pop(self.step - 2, None)
         self._prev = (self.step, self.st.slots, self._public_items())
+        decided = {f.name: getattr(out, f.name) for f in dataclasses.fields(out) if f.name != "published"}
         result = StepResult(
             step=self.step,
-            aggregate=out.aggregate,
-            r=out.r,
-            verdicts=out.verdicts,
-            excluded=out.excluded,
             members=self.members,
-            next_members=out.next_members,
-            next_validators=out.next_validators,
-            failed_parts=out.failed_parts,
-            missing_parts=out.missing_parts,
-            unapplied_parts=out.unapplied_parts,
             clip_iterations=self.st.clip_iters,
             clipped=self.st.clipped,
             rejected_messages=self.rejected,
-            joined=out.joined,
-            left=out.left,
-            next_phase_timeout=out.next_phase_timeout,
-            probation=dict(out.probation),
-            partitioned=out.partitioned,
             agreed=tuple(sorted(self.st.agreed_all)),
+            **decided,
         )
         self._audit("step", result)
         self._outbox.append(result)
