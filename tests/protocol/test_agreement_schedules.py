@@ -228,3 +228,11 @@ def test_a_public_pull_behind_the_owners_back_excludes_nobody_honest(seed, late,
 def test_digest_schedules_that_excluded_an_honest_owner(seed):
     out = run_schedule(Schedule(seed=seed, strategy="digest"))
     assert not out.failed and not out.has("honest-exclusion"), out.describe()
+
+
+def test_silent_admitted_joiners_do_not_make_honest_peers_stop():
+    """Found by agreement_search (mixed, 4 steps, seed 20000): two outsider JOINs admitted at step 0 then stay
+    silent while the Byzantine members misbehave; counting the joiners in their observer step, the honest
+    peers saw more than half of the members lost and all stopped as partitioned."""
+    out = run_schedule(Schedule(seed=20000, strategy="mixed", steps=4))
+    assert not out.failed, out.describe()

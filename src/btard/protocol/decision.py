@@ -466,8 +466,10 @@ def _membership(facts: StepFacts, verdicts: Mapping[bytes, Verdict], excluded: s
     step, members = prior.step, prior.members
     survivors = tuple(p for p in members if p not in verdicts and p not in excluded)
     # An honest majority never loses half of the members in one step; a peer that sees it happen is the one cut
-    # off (its view is the minority's), so it must stop rather than train on alone.
-    partitioned = 2 * len(survivors) <= len(members)
+    # off (its view is the minority's), so it must stop rather than train on alone. Joiners in their observer
+    # step do not count: admitted outsiders that stay silent must not make the honest peers stop.
+    established = [p for p in members if p not in prior.observers]
+    partitioned = 2 * sum(p not in prior.observers for p in survivors) <= len(established)
     banned = set(prior.banned) | set(verdicts)
     joined = admitted(cfg, public, members, banned, facts.r) if not partitioned else ()
     leavers = {x.msg.sender for x in public.values() if x.msg.kind == Kind.LEAVE}
