@@ -233,6 +233,7 @@ class StepFacts:
         agreed: Agreed,
         *,
         zs: Callable[[bytes, int, int], torch.Tensor] | None = None,
+        agg_cache: dict[int, torch.Tensor | None] | None = None,
     ) -> None:
         self.cfg, self.prior, self.agreed = cfg, prior, agreed
         self.bounds = bounds_of(cfg, prior)
@@ -242,7 +243,8 @@ class StepFacts:
         self.live = live_of(prior, self.committed)
         self.r = shared_random(cfg, prior, agreed.slots)
         self._zs = zs or (lambda r, j, n: checks.projection_vectors(r, j, n, cfg.num_projections))
-        self._agg: dict[int, torch.Tensor | None] = {}
+        # ĝ[j] by part, loaded once; a peer passes the parts it already loaded from the same agreed slots.
+        self._agg: dict[int, torch.Tensor | None] = {} if agg_cache is None else agg_cache
 
     def z(self, j: int) -> torch.Tensor:
         a, b = self.bounds[j]
@@ -283,9 +285,8 @@ class Outcome:
     next_phase_timeout: float
     probation: dict[bytes, int]
     partitioned: bool
-    published: dict[int, torch.Tensor] = field(
-        default_factory=dict
-    )  # valid agreed ĝ[j] (validation needs them)
+    # the valid agreed parts ĝ[j] (a validator of the next step needs them)
+    published: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def proven_bad_senders(

@@ -33,8 +33,12 @@ from btard.protocol.decision import (
     Prior,
     StepFacts,
     assign_aggregators,
+    bounds_of,
     choose_validators,
+    committed_of,
     decide,
+    live_of,
+    load_aggregate_part,
     shared_random,
 )
 from btard.protocol.errors import LocalProtocolError, MalformedMessage
@@ -312,9 +316,8 @@ class BtardPeer:
         self.rounds = default_rounds(len(self.members), self.cfg.max_faulty)
         self.st.t0 = now
         self.st.params_hash = params_hash
-        aggregating = self.aggregating
-        self.st.bounds = checks.part_bounds(self.cfg.dim, max(len(aggregating), 1))
-        self.st.order = checks.part_order(aggregating, self.r_prev)
+        self.st.bounds = bounds_of(self.cfg, self._prior)
+        self.st.order = checks.part_order(self._prior.aggregating, self.r_prev)
         self._outbox.append(PhaseEntered(self.step, Phase.COMMIT))
         if gradient is not None:
             g = self.behaviour.gradient(self, gradient.detach().to(torch.float32).reshape(-1))
@@ -329,9 +332,7 @@ class BtardPeer:
             self._broadcast(GradCommit(self.cfg.run_id, self.step, self.id, params_hash, tuple(hashes)))
         self._enter(Phase.COMMIT, now, announce=False)  # announced before the commit went out (above)
         if self._leaving:
-            s = self._broadcast(Leave(self.cfg.run_id, self.step, self.id))
-            self.st.public[s.msg_digest] = s
-            self._audit("msg", s)
+            self._add_public(self._broadcast(Leave(self.cfg.run_id, self.step, self.id)))
         if self.is_validator:
             self._validate(self.validators[self.id])
         carry, self._carry = self._carry, []
@@ -440,15 +441,15 @@ class BtardPeer:
             self.st.pull_due.clear()
             if phase == Phase.ACCUSE:
                 items = self._public_items()
-                for d, x in items.items():
-                    ag.hold(d, (int(x.msg.kind), x.msg.sender, 0), x.msg.sender)
-                entries = tuple((int(x.msg.kind), x.msg.sender, 0, d) for d, x in items.items())
+                for x in items.values():
+                    ag.hold(x.msg_digest, _item_ref(x), x.msg.sender)
+                entries = tuple((*_item_ref(x), d) for d, x in items.items())
                 self._round_message(phase, 1, entries, ())  # the manifest: round 1 of this phase
             else:
                 for slot, vers in self.st.versions.items():
                     if slot[0] in kinds:
                         for v in vers:
-                            ag.hold(v.msg_digest, (int(slot[0]), slot[1], slot[2]), v.msg.sender)
+                            ag.hold(v.msg_digest, _item_ref(v), v.msg.sender)
             early, self.st.early_rounds = self.st.early_rounds, []
             for r in early:
                 self._on_digest(r, now)
@@ -489,8 +490,7 @@ class BtardPeer:
             return
         self.st.public[s.msg_digest] = s
         self._audit("msg", s)
-        if self.phase == Phase.ACCUSE and self.st.ag is not None:
-            self.st.ag.hold(s.msg_digest, (int(s.msg.kind), s.msg.sender, 0), s.msg.sender)
+        self._feed(s, public=True)
 
     def _sign(self, msg: Message) -> Signed:
         s = encode(msg, self.identity)
@@ -509,17 +509,15 @@ class BtardPeer:
             self._feed(s)
         return s
 
-    def _feed(self, s: Signed) -> None:
-        """Hand a held item to the running agreement if it is of the current phase's kinds."""
+    def _feed(self, s: Signed, public: bool = False) -> None:
+        """Hand a held item to the running agreement if it is of the current phase's kinds (accusations and
+        `public` items are ACCUSE-phase items)."""
         ag, m = self.st.ag, s.msg
         if ag is None:
             return
-        if m.kind == Kind.ACCUSE or m.kind in (Kind.JOIN, Kind.LEAVE):
-            if self.phase == Phase.ACCUSE:
-                ag.hold(s.msg_digest, (int(m.kind), m.sender, 0), m.sender)
-        elif KIND_PHASE.get(m.kind) == self.phase:
-            slot = m.slot()
-            ag.hold(s.msg_digest, (int(slot[0]), slot[1], slot[2]), m.sender)
+        of_phase = Phase.ACCUSE if public or m.kind == Kind.ACCUSE else KIND_PHASE.get(m.kind)
+        if of_phase == self.phase:
+            ag.hold(s.msg_digest, _item_ref(s), m.sender)
 
     def _broadcast(self, msg: Message) -> Signed:
         s = self._sign(msg)
@@ -704,9 +702,8 @@ class BtardPeer:
                 ask = []
             retry = since + REPULL_AFTER * self.phase_timeout
             if h not in self.st.repulled and now >= retry:
-                self.st.repulled.add(
-                    h
-                )  # the first pull (or its answer) may have been lost: ask everyone once
+                # the first pull (or its answer) may have been lost: ask everyone once
+                self.st.repulled.add(h)
                 self._broadcast(pull)
             elif h not in self.st.repulled:
                 self.st.pull_due[h] = min(due, retry) if ask else retry
@@ -744,13 +741,7 @@ class BtardPeer:
         if m.public:
             # The public re-send request for a missing gradient part: its owner re-sends it to everyone.
             if m.origin == self.id and self.st.gradient is not None and 0 <= m.index < len(self.st.bounds):
-                a, b = self.st.bounds[m.index]
-                key = (Kind.GRAD_PART, self.id, m.index)
-                s = self.st.slots.get(key) or self._sign(
-                    GradPart.of(self.cfg.run_id, self.step, self.id, m.index, self.st.gradient[a:b])
-                )
-                self._add_public(s)
-                self._outbox.append(Send(self._others(), s.raw))
+                self._resend_publicly(m.index)
             return
         for s in found:
             self._outbox.append(Send((m.sender,), s.raw))
@@ -832,8 +823,7 @@ class BtardPeer:
     def _live(self) -> tuple[bytes, ...]:
         """Members minus contributors that never committed (fixed once the commit barrier closed)."""
         if self.st.live_cache is None or self.phase <= Phase.COMMIT:
-            silent_contrib = set(self.contributors) - set(self.st.committed)
-            self.st.live_cache = tuple(p for p in self.members if p not in silent_contrib)
+            self.st.live_cache = live_of(self._prior, self.st.committed)
         return self.st.live_cache
 
     def _step_phase(self, now: float) -> None:
@@ -894,9 +884,7 @@ class BtardPeer:
 
     def _close(self, ph: Phase, now: float) -> None:
         if ph == Phase.COMMIT:
-            self.st.committed = tuple(
-                p for p in self.contributors if (Kind.GRAD_COMMIT, p, 0) in self.st.slots
-            )
+            self.st.committed = committed_of(self._prior, self.st.slots)
             self._assign_aggregators()
             self._enter(NEXT_PHASE[ph], now)
             self.st.scatter_deadlines = [
@@ -943,15 +931,20 @@ class BtardPeer:
             return
         for j, a in sorted(self.st.aggregators.items()):
             c = self.st.slots.get((Kind.AGG_COMMIT, a, j))
-            if a == self.id or c is None or self.id in c.msg.included:
-                continue
-            lo, hi = self.st.bounds[j]
-            s = self.st.slots.get((Kind.GRAD_PART, self.id, j)) or self._sign(
-                GradPart.of(self.cfg.run_id, self.step, self.id, j, self.st.gradient[lo:hi])
-            )
-            if s.msg_digest not in self.st.public:
-                self._add_public(s)
-                self._outbox.append(Send(self._others(), s.raw))
+            if a != self.id and c is not None and self.id not in c.msg.included:
+                self._resend_publicly(j, once=True)
+
+    def _resend_publicly(self, j: int, once: bool = False) -> None:
+        """Send this peer's part j to everyone and keep it as a public item (the same signed message it sent
+        its aggregator, so it can never look like a second version); `once`: not if already public."""
+        lo, hi = self.st.bounds[j]
+        s = self.st.slots.get((Kind.GRAD_PART, self.id, j)) or self._sign(
+            GradPart.of(self.cfg.run_id, self.step, self.id, j, self.st.gradient[lo:hi])
+        )
+        if once and s.msg_digest in self.st.public:
+            return
+        self._add_public(s)
+        self._outbox.append(Send(self._others(), s.raw))
 
     def _assign_aggregators(self) -> None:
         self.st.aggregators = assign_aggregators(self.st.order, self.st.committed)
@@ -1011,22 +1004,6 @@ class BtardPeer:
         """The senders part j's aggregator declared it aggregated (from its AGG_COMMIT)."""
         c = self.st.slots.get((Kind.AGG_COMMIT, self.st.aggregators.get(j, b""), j))
         return c.msg.included if c is not None else ()
-
-    def _publicly_pulled(self, j: int) -> set[bytes]:
-        """Senders part j's aggregator asked publicly to re-send part j."""
-        agg = self.st.aggregators.get(j)
-        return {
-            s.msg.origin
-            for s in self.st.public.values()
-            if s.msg.kind == Kind.PULL and s.msg.sender == agg and s.msg.index == j and s.msg.public
-        }
-
-    def _resent(self, p: bytes, j: int) -> bool:
-        """Whether `p` re-sent part j publicly (an agreed public item: the aggregator's own copy is no proof)."""
-        return any(
-            s.msg.kind == Kind.GRAD_PART and s.msg.sender == p and s.msg.part == j
-            for s in self.st.public.values()
-        )
 
     def _proven_bad_part(self, j: int) -> set[bytes]:
         """Senders that part j's aggregator proved bad for part j of this step (a bad signed part)."""
@@ -1094,20 +1071,10 @@ class BtardPeer:
     def _aggregate_part(self, j: int) -> torch.Tensor | None:
         """ĝ[j] as received, if its commit and part match, it has the right length and is finite (cached)."""
         if j not in self.st.agg_cache:
-            self.st.agg_cache[j] = self._load_aggregate_part(j)
+            self.st.agg_cache[j] = load_aggregate_part(
+                self.cfg, self.step, self.st.slots, self.st.aggregators.get(j), j, self._expected_part_len(j)
+            )
         return self.st.agg_cache[j]
-
-    def _load_aggregate_part(self, j: int) -> torch.Tensor | None:
-        a = self.st.aggregators.get(j)
-        p = self.st.slots.get((Kind.AGG_PART, a, j))
-        c = self.st.slots.get((Kind.AGG_COMMIT, a, j))
-        if p is None or c is None:
-            return None
-        if len(p.msg.data) // 4 != self._expected_part_len(j):
-            return None
-        if p.msg.data_digest("agg-part", self.cfg.run_id, self.step, a, j) != c.msg.agg_hash:
-            return None
-        return p.msg.tensor() if p.msg.all_finite else None
 
     def _zs(self) -> list[torch.Tensor]:
         return [
@@ -1174,8 +1141,6 @@ class BtardPeer:
         dev = checks.validation_deviation(proj.msg.norms[parts], proj.msg.projections[parts], norms, projs)
         return dev <= checks.validation_tolerance(float(g.norm()), self.cfg.validation_rtol)
 
-    # ------------------------------------------------------------------ verdicts
-
     # ------------------------------------------------------------------ evidence and the decision
     def _record_view(self, step: int) -> StepView | None:
         rec = self._records.get(step)
@@ -1196,7 +1161,7 @@ class BtardPeer:
             return StepView(
                 self.step,
                 self.st.bounds,
-                {p: x for (k, p, _), x in self.st.slots.items() if k == Kind.GRAD_COMMIT},
+                self._slots_by_sender(Kind.GRAD_COMMIT),
                 self._aggregate_part,
                 lambda j: self._zs()[j],
             )
@@ -1217,6 +1182,9 @@ class BtardPeer:
         """Who an accusation bans (see `evidence.resolve`), judged on this peer's view of the step."""
         return resolve(self.cfg, s, self.step, self._view, self._validation)
 
+    def _slots_by_sender(self, kind: Kind) -> dict[bytes, Signed]:
+        return {p: x for (k, p, _), x in self.st.slots.items() if k == kind}
+
     def _agreed_items(self) -> Agreed:
         slots = {k: v for k, v in self.st.slots.items() if k[0] in KIND_PHASE}
         return Agreed(slots, dict(self.st.equivocated), dict(self.st.accusations), dict(self.st.public))
@@ -1228,6 +1196,7 @@ class BtardPeer:
             self._prior,
             self._agreed_items(),
             zs=lambda r, j, n: self._zcache.get(r, j, n, self.cfg.num_projections),
+            agg_cache=self.st.agg_cache,  # the parts this peer already loaded from the same agreed slots
         )
         out = decide(
             facts,
@@ -1241,8 +1210,8 @@ class BtardPeer:
             self.st.r,
             self.st.bounds,
             out.published,
-            {p: x for (k, p, _), x in self.st.slots.items() if k == Kind.GRAD_COMMIT},
-            {p: x for (k, p, _), x in self.st.slots.items() if k == Kind.PROJ},
+            self._slots_by_sender(Kind.GRAD_COMMIT),
+            self._slots_by_sender(Kind.PROJ),
         )
         self._records.pop(self.step - 2, None)
         self._prev = (self.step, self.st.slots, self._public_items())
@@ -1269,3 +1238,11 @@ class BtardPeer:
         self.probation = out.probation
         self.phase_timeout = out.next_phase_timeout
         self.step += 1
+
+
+def _item_ref(s: Signed) -> tuple[int, bytes, int]:
+    """(kind, origin, index) of an agreement item: its slot, or (kind, sender, 0) for an ACCUSE-phase item."""
+    m = s.msg
+    if m.kind in KIND_PHASE:
+        return (int(m.kind), m.sender, m.slot()[2])
+    return (int(m.kind), m.sender, 0)
