@@ -19,7 +19,7 @@ from typing import IO
 
 from btard.crypto import Identity, bytes_digest, digest, verify
 from btard.protocol.config import ProtocolConfig
-from btard.protocol.decision import Agreed, Prior, StepFacts, decide
+from btard.protocol.decision import Agreed, Prior, StepFacts, decide, shared_random
 from btard.protocol.errors import LocalProtocolError, MalformedMessage
 from btard.protocol.events import StepResult
 from btard.protocol.evidence import StepView
@@ -210,7 +210,7 @@ def verify_log(lines: list[str], run_id: bytes | None = None, limits: Limits = L
                 step_msgs = [s for s in step_msgs if s.msg_digest in agreed]
             r_prev = prev_r if prev_r is not None else None
             if r_prev is not None and run_id is not None:
-                r = _recompute_r(step_msgs, members, run_id, step, r_prev)
+                r = shared_random(run_id, step, r_prev, members, _agreed_items(step_msgs).slots)
                 if r.hex() != rec["r"]:
                     problems.append(f"line {no}: r^{step} does not follow from the logged MPRNG reveals")
             prev_r = bytes.fromhex(rec["r"])
@@ -219,19 +219,6 @@ def verify_log(lines: list[str], run_id: bytes | None = None, limits: Limits = L
             replay.check_step(rec, msgs, rep, no)
     rep.ok = not problems
     return rep
-
-
-def _recompute_r(
-    step_msgs: list[Signed], members: list[bytes], run_id: bytes, step: int, r_prev: bytes
-) -> bytes:
-    commits = {s.msg.sender: s.msg for s in step_msgs if s.msg.kind == Kind.MPRNG_COMMIT}
-    reveals = {s.msg.sender: s.msg for s in step_msgs if s.msg.kind == Kind.MPRNG_REVEAL}
-    parts = []
-    for p in members:
-        c, r = commits.get(p), reveals.get(p)
-        if c and r and digest("mprng", run_id, step, p, r.secret) == c.commitment:
-            parts.append(p + r.secret)
-    return digest("mprng-r", run_id, step, r_prev, b"".join(parts))
 
 
 def _check_verdict(

@@ -106,15 +106,17 @@ def live_of(prior: Prior, committed: Sequence[bytes]) -> tuple[bytes, ...]:
     return tuple(p for p in prior.members if p not in silent)
 
 
-def shared_random(cfg: ProtocolConfig, prior: Prior, slots: Mapping[Slot, Signed]) -> bytes:
-    """r^t = H(r^{t−1}, every member's valid reveal in member order)."""
+def shared_random(
+    run_id: bytes, step: int, r_prev: bytes, members: Sequence[bytes], slots: Mapping[Slot, Signed]
+) -> bytes:
+    """r^t = H(r^{t−1}, every member's valid reveal in member order), from the step's agreed MPRNG slots."""
     reveals = []
-    for p in prior.members:
+    for p in members:
         c = slots.get((Kind.MPRNG_COMMIT, p, 0))
         r = slots.get((Kind.MPRNG_REVEAL, p, 0))
-        if c and r and mprng_digest(cfg.run_id, prior.step, p, r.msg.secret) == c.msg.commitment:
+        if c and r and mprng_digest(run_id, step, p, r.msg.secret) == c.msg.commitment:
             reveals.append(p + r.msg.secret)
-    return digest("mprng-r", cfg.run_id, prior.step, prior.r_prev, b"".join(reveals))
+    return digest("mprng-r", run_id, step, r_prev, b"".join(reveals))
 
 
 def load_aggregate_part(
@@ -241,7 +243,7 @@ class StepFacts:
         self.committed = committed_of(prior, agreed.slots)
         self.aggregators = assign_aggregators(self.order, self.committed)
         self.live = live_of(prior, self.committed)
-        self.r = shared_random(cfg, prior, agreed.slots)
+        self.r = shared_random(cfg.run_id, prior.step, prior.r_prev, prior.members, agreed.slots)
         self._zs = zs or (lambda r, j, n: checks.projection_vectors(r, j, n, cfg.num_projections))
         # ĝ[j] by part, loaded once; a peer passes the parts it already loaded from the same agreed slots.
         self._agg: dict[int, torch.Tensor | None] = {} if agg_cache is None else agg_cache

@@ -1066,7 +1066,8 @@ class BtardPeer:
 
     # ------------------------------------------------------------------ MPRNG and projections
     def _shared_random(self) -> bytes:
-        return shared_random(self.cfg, self._prior, self.st.slots)
+        pr = self._prior
+        return shared_random(self.cfg.run_id, pr.step, pr.r_prev, pr.members, self.st.slots)
 
     def _aggregate_part(self, j: int) -> torch.Tensor | None:
         """ĝ[j] as received, if its commit and part match, it has the right length and is finite (cached)."""
